@@ -1,0 +1,22 @@
+# The two commands a newcomer runs (see README):
+#   make demo   set up, then run the main job end to end on phantoms
+#   make test   set up, then run the test suite
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+DEMO_DIR ?= demo
+
+.PHONY: install demo test lint
+
+# torch first, pinned: the local CPU wheel. An unpinned torch would pull GBs of CUDA packages.
+install:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+
+demo: install
+	bash scripts/demo.sh $(DEMO_DIR)
+
+test: install
+	$(PYTHON) -m pytest -q
+
+lint:
+	ruff check . && ruff format --check .

@@ -1,0 +1,59 @@
+"""The one `cxrlite` entry point. Subcommand groups live in `cxrlite.commands`, imported lazily
+so `cxrlite --help` stays fast (torch and transformers load only when a command needs them)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import click
+
+from cxrlite import __version__
+
+# name -> (module, attribute, one-line help). A command exists here only once it is real.
+_COMMANDS = {
+    "data": ("cxrlite.commands.data", "data", "Phantoms, DICOM/PNG inspection, report labels, instruction tasks."),
+    "doctor": ("cxrlite.commands.doctor", "doctor", "What this machine can run, and what is missing for which feature."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in _COMMANDS:
+            return None
+        module, attr, _ = _COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, help_) for name, (_, _, help_) in sorted(_COMMANDS.items())]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def setup_logging(verbosity: int) -> None:
+    """Quiet by default (warnings only); -v info, -vv debug."""
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging: -v info, -vv debug.")
+@click.version_option(__version__, prog_name="cxrlite")
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
+    """cxrlite: a chest X-ray vision-language model from training to a fast, safe service.
+
+    \b
+    Data flow:
+      cxrlite data phantoms   make labeled synthetic radiographs (tests, demo)
+      cxrlite doctor          check what this machine can run
+    """
+    setup_logging(verbose)
+    ctx.ensure_object(dict)["verbose"] = verbose
+
+
+if __name__ == "__main__":
+    main()

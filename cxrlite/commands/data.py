@@ -1,0 +1,186 @@
+"""`cxrlite data ...`: phantoms, inspection, labels, instruction tasks, dataset import."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from cxrlite.commands import user_errors
+from cxrlite.progress import progress_bar
+
+
+@click.group()
+def data() -> None:
+    """Make phantom radiographs, inspect DICOM/PNG/JPEG files, label reports, build tasks."""
+
+
+@data.command()
+@click.option("--n", "n", type=click.IntRange(1), required=True, help="Number of studies.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same phantoms.")
+@click.option("--size", type=click.IntRange(64, 2048), default=256, show_default=True, help="Image side in pixels.")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="Processes.")
+@user_errors
+def phantoms(n: int, out: Path, seed: int, size: int, workers: int) -> None:
+    """Write N synthetic chest radiographs with known findings, reports and CheXpert labels.
+
+    OUT gets images/<id>.png, manifest.jsonl (one study a line, with its split) and phantoms.json.
+    """
+    from cxrlite.data.phantoms import generate_phantoms
+
+    t0 = time.perf_counter()
+    with progress_bar("phantoms", total=n) as advance:
+        studies = generate_phantoms(out, n, seed=seed, size=size, workers=workers, progress=advance)
+    dt = time.perf_counter() - t0
+    splits = {s: sum(st.split == s for st in studies) for s in ("train", "validate", "test")}
+    click.echo(f"wrote {len(studies)} phantoms to {out} in {dt:.1f} s ({len(studies) / dt:.0f}/s); splits {splits}")
+
+
+@data.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG to write.")
+@click.option("--n", "n", type=click.IntRange(1, 200), default=24, show_default=True, help="Studies on the sheet.")
+@click.option("--cols", type=click.IntRange(1, 20), default=6, show_default=True)
+@user_errors
+def show(directory: Path, out: Path, n: int, cols: int) -> None:
+    """Write a contact sheet of the phantoms in DIRECTORY with their labels."""
+    from cxrlite.data.datasets import load_dataset
+    from cxrlite.data.sheet import contact_sheet
+
+    studies = load_dataset("phantom", directory)[:n]
+    contact_sheet(studies, directory, out, cols=cols)
+    click.echo(f"wrote {out} ({len(studies)} studies)")
+
+
+@data.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--png", "png_out", type=click.Path(path_type=Path), default=None,
+              help="Write the preprocessed image (what the model sees): a .png path for one file, else a folder.")
+@click.option("--image-size", type=click.IntRange(16, 4096), default=224, show_default=True,
+              help="Model input size used for --png.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
+def inspect(files: tuple[Path, ...], png_out: Path | None, image_size: int, as_json: bool) -> None:
+    """Print what was read from each DICOM/PNG/JPEG file (format, modality, photometric
+    interpretation, bits stored, size, transfer syntax, window applied) or why it failed.
+    Prints no patient identifiers. Exits 1 if any file failed."""
+    from cxrlite.data.decode import inspect_image, load_image
+    from cxrlite.data.errors import ImageError
+    from cxrlite.data.preprocess import PreprocessConfig, preprocess, to_display_png
+
+    cfg = PreprocessConfig(image_size=image_size)
+    failed = 0
+    for path in files:
+        try:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such file")
+            info = inspect_image(path)
+            if png_out is not None:
+                target = png_out if (len(files) == 1 and png_out.suffix.lower() == ".png") else png_out / f"{path.stem}.png"
+                to_display_png(preprocess(load_image(path).pixels, cfg), target, cfg)
+                info["png"] = str(target)
+            row = {"file": str(path), "ok": True, **info}
+        except (ImageError, OSError) as e:
+            failed += 1
+            row = {"file": str(path), "ok": False, "error": getattr(e, "code", type(e).__name__), "message": str(e)}
+        if as_json:
+            click.echo(json.dumps(row, default=str))
+        elif row["ok"]:
+            details = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("file", "ok") and v not in (None, [], ""))
+            click.echo(f"{path}: {details}")
+        else:
+            click.echo(f"{path}: ERROR {row['error']}: {row['message']}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+@data.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="JSONL to write.")
+@user_errors
+def label(source: Path, out: Path) -> None:
+    """Label report texts with the 14 CheXpert observations.
+
+    SOURCE is a .txt file (one report per line) or JSONL with `id` and `text`. Writes one
+    {"id": ..., "labels": {...}} per report.
+    """
+    from cxrlite.data.labeler import label_report
+    from cxrlite.fileio import read_jsonl, write_jsonl
+
+    if source.suffix.lower() in (".jsonl", ".json"):
+        rows = read_jsonl(source)
+        for i, row in enumerate(rows, 1):
+            if "id" not in row or not isinstance(row.get("text"), str):
+                raise ValueError(f"{source}: record {i} needs an `id` and a string `text`")
+        items = [(row["id"], row["text"]) for row in rows]
+    else:
+        lines = source.read_text(encoding="utf-8").splitlines()
+        items = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    n = write_jsonl(out, ({"id": id_, "labels": label_report(text)} for id_, text in items))
+    click.echo(f"labeled {n} reports -> {out}")
+
+
+@data.command("import")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--layout", default=None, help="Dataset layout (default: detected). One of: mimic-cxr-jpg, "
+              "chexpert, iu-xray, padchest, jsonl, phantom.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Study manifest JSONL.")
+@user_errors
+def import_(root: Path, layout: str | None, out: Path) -> None:
+    """Turn a published dataset layout under ROOT into a cxrlite study manifest (JSONL)."""
+    from cxrlite.data.datasets import detect_layout, load_dataset
+    from cxrlite.fileio import write_jsonl
+
+    layout = layout or detect_layout(root)
+    studies = load_dataset(layout, root)
+    n = write_jsonl(out, (s.to_dict() for s in studies))
+    click.echo(f"{layout}: {n} studies -> {out}")
+
+
+@data.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Task JSONL to write.")
+@click.option("--layout", default=None, help="Layout of SOURCE when it is a dataset folder (default: detected).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def tasks(source: Path, out: Path, layout: str | None, seed: int) -> None:
+    """Build CheXinstruct-style instruction tasks from a dataset folder or a study manifest."""
+    from cxrlite.data.datasets import detect_layout, load_dataset
+    from cxrlite.data.tasks import build_tasks, write_tasks
+
+    if source.is_dir():
+        studies = load_dataset(layout or detect_layout(source), source)
+    else:
+        studies = load_dataset("jsonl", source)
+    records = build_tasks(studies, seed=seed)
+    write_tasks(out, records)
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.task] = counts.get(r.task, 0) + 1
+    click.echo(f"{len(records)} task records -> {out}")
+    for task, count in sorted(counts.items()):
+        click.echo(f"  {task}: {count}")
+
+
+@data.command("dicom")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="DICOM file to write.")
+@click.option("--monochrome1", is_flag=True, help="Store inverted (MONOCHROME1), as some CR systems do.")
+@user_errors
+def dicom(image: Path, out: Path, monochrome1: bool) -> None:
+    """Wrap a PNG/JPEG (e.g. a phantom) into a 12-bit DX DICOM with synthetic identifiers,
+    to try the DICOM path end to end."""
+    import numpy as np
+
+    from cxrlite.data.decode import load_image
+    from cxrlite.data.dicomio import write_dicom
+
+    pixels = np.round(load_image(image).pixels * 4095).astype(np.uint16)
+    if monochrome1:
+        pixels = 4095 - pixels
+    write_dicom(out, pixels, photometric="MONOCHROME1" if monochrome1 else "MONOCHROME2", bits_stored=12,
+                window=(2048.0, 4096.0))
+    click.echo(f"wrote {out}")

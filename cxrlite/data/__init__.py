@@ -1,0 +1,1 @@
+"""Reading radiographs, phantom radiographs, reports, labels and instruction tasks."""

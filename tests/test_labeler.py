@@ -1,0 +1,170 @@
+"""The rule-based CheXpert labeler and the findings-F1 helper."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cxrlite.data.labeler import findings_f1, label_report, label_reports
+from cxrlite.data.labels import (
+    CHEXPERT_OBSERVATIONS,
+    LABEL_VALUES,
+    NEGATIVE,
+    NOT_MENTIONED,
+    POSITIVE,
+    UNCERTAIN,
+)
+
+SENTENCES = Path(__file__).parent / "data" / "labeler_sentences.jsonl"
+REQUIRED_ACCURACY = 0.97  # per (sentence, observation) pair; measured: 1.000 on 201 sentences
+
+
+def _rows() -> list[dict]:
+    return [json.loads(line) for line in SENTENCES.read_text(encoding="utf-8").splitlines()]
+
+
+def test_sentence_set_is_well_formed() -> None:
+    rows = _rows()
+    assert len(rows) >= 120
+    assert len({r["text"] for r in rows}) == len(rows)
+    for row in rows:
+        for name, value in row["expected"].items():
+            assert name in CHEXPERT_OBSERVATIONS and value in LABEL_VALUES
+            assert value != NOT_MENTIONED  # only the stated observations are listed
+
+
+def test_accuracy_on_hand_written_sentences() -> None:
+    rows = _rows()
+    correct, wrong = 0, []
+    for row, got in zip(rows, label_reports(r["text"] for r in rows), strict=True):
+        for name in CHEXPERT_OBSERVATIONS:
+            expected = row["expected"].get(name, NOT_MENTIONED)
+            if got[name] == expected:
+                correct += 1
+            else:
+                wrong.append((row["text"], name, got[name], expected))
+    accuracy = correct / (len(rows) * len(CHEXPERT_OBSERVATIONS))
+    print(f"labeler accuracy: {accuracy:.4f} over {len(rows)} sentences; wrong: {wrong}")
+    assert accuracy >= REQUIRED_ACCURACY, wrong
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "value"),
+    [
+        ("No focal consolidation, effusion, or pneumothorax.", "Pneumothorax", NEGATIVE),
+        ("No change in the moderate right effusion.", "Pleural Effusion", POSITIVE),
+        ("Pneumothorax is not excluded.", "Pneumothorax", UNCERTAIN),
+        ("Small effusion; pneumonia is not excluded.", "Pleural Effusion", POSITIVE),
+        ("Bibasilar atelectasis versus pneumonia.", "Atelectasis", UNCERTAIN),
+        ("There is no pneumothorax, but a small effusion persists.", "Pleural Effusion", POSITIVE),
+        ("The right pneumothorax has resolved.", "Pneumothorax", NEGATIVE),
+        ("The right pneumothorax has partially resolved.", "Pneumothorax", POSITIVE),
+        ("Normal heart size.", "Cardiomegaly", NEGATIVE),
+        ("Heart size is unchanged.", "Cardiomegaly", UNCERTAIN),
+        ("The heart is seen.", "Cardiomegaly", NOT_MENTIONED),
+        ("Evaluate for pneumonia.", "Pneumonia", NOT_MENTIONED),
+        ("INDICATION: pneumonia? FINDINGS: Clear lungs.", "Pneumonia", NOT_MENTIONED),
+        ("Small pericardial effusion.", "Pleural Effusion", NOT_MENTIONED),
+        ("Left basilar opacity, likely atelectasis.", "Lung Opacity", POSITIVE),
+    ],
+)
+def test_rules(text: str, name: str, value: str) -> None:
+    assert label_report(text)[name] == value
+
+
+def test_aggregation_positive_beats_uncertain_beats_negative() -> None:
+    assert (
+        label_report("Possible left effusion. Large right effusion.")["Pleural Effusion"]
+        == POSITIVE
+    )
+    assert label_report("No effusion. Possible small effusion.")["Pleural Effusion"] == UNCERTAIN
+    assert label_report("No effusion. Effusions are absent.")["Pleural Effusion"] == NEGATIVE
+
+
+def test_no_finding_rule() -> None:
+    assert label_report("No acute cardiopulmonary process.")["No Finding"] == POSITIVE
+    # Devices do not count; negatives do not count.
+    devices = label_report("Endotracheal tube 4 cm above the carina. No pneumothorax.")
+    assert devices["No Finding"] == POSITIVE and devices["Support Devices"] == POSITIVE
+    assert label_report("Possible small effusion.")["No Finding"] == NOT_MENTIONED
+    # An abnormality outside the 14 observations still rules out No Finding (CheXpert).
+    assert label_report("Degenerative changes of the spine.")["No Finding"] == NOT_MENTIONED
+    empty = label_report("   ")
+    assert set(empty.values()) == {NOT_MENTIONED}
+
+
+def test_output_shape_and_bad_input() -> None:
+    out = label_reports(["Moderate cardiomegaly.", ""])
+    assert [tuple(o) for o in out] == [CHEXPERT_OBSERVATIONS] * 2
+    assert out[0]["Cardiomegaly"] == POSITIVE
+    with pytest.raises(TypeError, match="report text"):
+        label_report(None)  # type: ignore[arg-type]
+
+
+# ---- findings_f1 ---------------------------------------------------------------------------
+
+OBS = ("Cardiomegaly", "Edema")
+TRUTH = [
+    {"Cardiomegaly": POSITIVE, "Edema": POSITIVE},
+    {"Cardiomegaly": POSITIVE, "Edema": NEGATIVE},
+    {"Cardiomegaly": NEGATIVE, "Edema": UNCERTAIN},
+    {"Edema": POSITIVE},  # Cardiomegaly missing = not mentioned
+]
+PRED = [
+    {"Cardiomegaly": POSITIVE, "Edema": NEGATIVE},
+    {"Cardiomegaly": POSITIVE, "Edema": POSITIVE},
+    {"Cardiomegaly": POSITIVE, "Edema": POSITIVE},
+    {"Cardiomegaly": UNCERTAIN, "Edema": POSITIVE},
+]
+
+
+def test_f1_uncertain_as_negative_hand_computed() -> None:
+    r = findings_f1(PRED, TRUTH, observations=OBS)
+    cm, ed = r["per_observation"]["Cardiomegaly"], r["per_observation"]["Edema"]
+    # Cardiomegaly: truth [1,1,0,0], pred [1,1,1,0] -> tp 2, fp 1, fn 0.
+    assert (cm["tp"], cm["fp"], cm["fn"], cm["support"]) == (2, 1, 0, 2)
+    assert cm["precision"] == pytest.approx(2 / 3) and cm["recall"] == 1.0
+    assert cm["f1"] == pytest.approx(0.8)
+    # Edema: truth [1,0,0,1], pred [0,1,1,1] -> tp 1, fp 2, fn 1.
+    assert (ed["tp"], ed["fp"], ed["fn"]) == (1, 2, 1)
+    assert ed["precision"] == pytest.approx(1 / 3) and ed["recall"] == pytest.approx(0.5)
+    assert ed["f1"] == pytest.approx(0.4)
+    # Micro pools tp 3, fp 3, fn 1; macro averages 0.8 and 0.4.
+    assert r["micro_precision"] == pytest.approx(0.5)
+    assert r["micro_recall"] == pytest.approx(0.75)
+    assert r["micro_f1"] == pytest.approx(0.6)
+    assert r["macro_f1"] == pytest.approx(0.6)
+    assert r["n"] == 4
+
+
+def test_f1_uncertain_as_positive_hand_computed() -> None:
+    r = findings_f1(PRED, TRUTH, observations=OBS, uncertain_as=POSITIVE)
+    # Cardiomegaly: pred [1,1,1,1] -> tp 2, fp 2, fn 0. Edema: truth [1,0,1,1] -> tp 2, fp 1, fn 1.
+    assert r["per_observation"]["Cardiomegaly"]["f1"] == pytest.approx(2 / 3)
+    assert r["per_observation"]["Edema"]["f1"] == pytest.approx(2 / 3)
+    assert r["micro_f1"] == pytest.approx(8 / 12)
+    assert r["macro_f1"] == pytest.approx(2 / 3)
+
+
+def test_f1_perfect_and_empty_classes() -> None:
+    truth = [label_report("Moderate cardiomegaly. Small left effusion."), label_report("Clear.")]
+    r = findings_f1(truth, truth)
+    assert r["per_observation"]["Cardiomegaly"]["f1"] == 1.0
+    assert r["per_observation"]["Pleural Effusion"]["f1"] == 1.0
+    # No positive anywhere: zero-division scores 0 (sklearn zero_division=0).
+    assert r["per_observation"]["Pneumothorax"]["f1"] == 0.0
+    assert r["macro_f1"] == pytest.approx(2 / 5)
+    assert r["micro_f1"] == 1.0
+
+
+def test_f1_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="2 predictions but 1"):
+        findings_f1([{}, {}], [{}])
+    with pytest.raises(ValueError, match="not one of"):
+        findings_f1([{"Edema": "yes"}], [{}])
+    with pytest.raises(ValueError, match="unknown observations"):
+        findings_f1([{}], [{}], observations=("Edemaa",))
+    with pytest.raises(ValueError, match="uncertain_as"):
+        findings_f1([{}], [{}], uncertain_as=UNCERTAIN)
