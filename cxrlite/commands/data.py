@@ -34,7 +34,13 @@ def phantoms(n: int, out: Path, seed: int, size: int, workers: int) -> None:
 
     t0 = time.perf_counter()
     with progress_bar("phantoms", total=n) as advance:
-        studies = generate_phantoms(out, n, seed=seed, size=size, workers=workers, progress=advance)
+        done_so_far = [0]
+
+        def on_progress(done: int, total: int) -> None:
+            advance(done - done_so_far[0])
+            done_so_far[0] = done
+
+        studies = generate_phantoms(out, n, seed=seed, size=size, workers=workers, progress=on_progress)
     dt = time.perf_counter() - t0
     splits = {s: sum(st.split == s for st in studies) for s in ("train", "validate", "test")}
     click.echo(f"wrote {len(studies)} phantoms to {out} in {dt:.1f} s ({len(studies) / dt:.0f}/s); splits {splits}")
