@@ -1,0 +1,63 @@
+"""Bridgers: map vision patch features [B, P, Dv] to LLM input embeddings [B, N, Dl].
+
+MLPBridger is LLaVA's projector (one image token per patch); its parameter names match
+LlavaMultiModalProjector (linear_1 / linear_2), so export to LlavaForConditionalGeneration is a
+rename. QFormerBridger is BLIP-2's Q-Former (CheXagent): learned queries cross-attend to the
+patches, so an image costs `num_queries` LLM positions whatever the patch count — less prefill.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cxrlite.config import BridgerConfig
+
+
+class MLPBridger(nn.Module):
+    """Linear -> GELU -> Linear, as LLaVA-1.5's `mlp2x_gelu` projector."""
+
+    def __init__(self, vision_width: int, llm_width: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_width, llm_width)
+        self.act = nn.GELU()  # exact erf GELU = transformers' "gelu", which LLaVA configs name
+        self.linear_2 = nn.Linear(llm_width, llm_width)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+class QFormerBridger(nn.Module):
+    """Learned queries + transformers' Blip2QFormerModel (self-attention over the queries,
+    cross-attention to the patch features in every layer), then a linear to the LLM width.
+    Names follow Blip2ForConditionalGeneration (query_tokens, qformer, language_projection)."""
+
+    def __init__(self, cfg: BridgerConfig, vision_width: int, llm_width: int) -> None:
+        super().__init__()
+        from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+        qformer_config = Blip2QFormerConfig(
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.intermediate_size,
+            encoder_hidden_size=vision_width,
+            cross_attention_frequency=1,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        self.query_tokens = nn.Parameter(torch.empty(1, cfg.num_queries, cfg.hidden_size))
+        nn.init.normal_(self.query_tokens, std=qformer_config.initializer_range)
+        self.qformer = Blip2QFormerModel(qformer_config)
+        self.language_projection = nn.Linear(cfg.hidden_size, llm_width)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        queries = self.query_tokens.expand(features.shape[0], -1, -1)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=features).last_hidden_state
+        return self.language_projection(out.to(self.language_projection.weight.dtype))
+
+
+def build_bridger(cfg: BridgerConfig, vision_width: int, llm_width: int) -> nn.Module:
+    if cfg.kind == "qformer":
+        return QFormerBridger(cfg, vision_width, llm_width)
+    return MLPBridger(vision_width, llm_width)

@@ -1,0 +1,364 @@
+"""Typed, self-validating configuration of the cxrlite model (vision encoder, bridger, LLM).
+
+Every config checks its own shapes in `__post_init__` and raises ValueError naming the field, so a
+bad preset or a hand-edited config.json fails at load time, not deep inside a matmul.
+`count_parameters` computes parameter counts from shapes alone, which is how the real-size presets
+(1B/7B) are sized without building them in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from cxrlite.data.preprocess import PreprocessConfig
+
+VISION_KINDS = ("siglip", "clip")
+BRIDGER_KINDS = ("mlp", "qformer")
+PROMPT_TEMPLATES = ("cxr-chat-v1",)
+DEFAULT_IMAGE_TOKEN = "<image>"
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}",
+        )
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    _require(not unknown, f"{cls.__name__}: unknown field(s) {unknown}")
+    try:
+        return cls(**data)
+    except TypeError as e:  # a missing required field
+        raise ValueError(f"{cls.__name__}: {e}") from None
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A ViT from transformers (SigLIP or CLIP vision tower); `pretrained` is a local folder."""
+
+    kind: str = "siglip"
+    image_size: int = 64
+    patch_size: int = 16
+    num_channels: int = 1
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 64
+    # Index into hidden_states (0 = patch embeddings). LLaVA reads the penultimate layer (-2) of a
+    # pretrained tower; a tower trained from scratch here uses its last layer (-1).
+    feature_layer: int = -1
+    # SigLIP's attention-pooling head; LLaVA-style models never read it.
+    use_head: bool = False
+    # None: transformers' default for the kind (SigLIP gelu_pytorch_tanh, CLIP quick_gelu)
+    hidden_act: str | None = None
+    layer_norm_eps: float | None = None
+    pretrained: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.kind in VISION_KINDS,
+            f"VisionConfig.kind must be one of {VISION_KINDS}, got {self.kind!r}",
+        )
+        _positive(self, "image_size", "patch_size", "num_channels", "hidden_size", "num_layers")
+        _positive(self, "num_heads", "intermediate_size")
+        # A remainder is allowed: the strided patch conv drops it, as SigLIP-SO400M/14 at 384 px
+        # does (27 x 27 patches, 6 px unused).
+        _require(
+            self.image_size >= self.patch_size,
+            f"VisionConfig: image_size {self.image_size} is smaller than patch_size {self.patch_size}",
+        )
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            f"VisionConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
+        )
+        # hidden_states has num_layers + 1 entries (embeddings first); 0 would be raw patches.
+        _require(
+            -self.num_layers <= self.feature_layer <= self.num_layers and self.feature_layer != 0,
+            f"VisionConfig.feature_layer {self.feature_layer} must select one of the {self.num_layers} "
+            f"encoder layers (1..{self.num_layers} or -1..-{self.num_layers})",
+        )
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def select_strategy(self) -> str:
+        """LLaVA's name for what is kept: CLIP drops its CLS token ("default"), SigLIP has none."""
+        return "default" if self.kind == "clip" else "full"
+
+
+@dataclass(frozen=True)
+class BridgerConfig:
+    """MLP projector (LLaVA) or Q-Former with learned queries (BLIP-2 / CheXagent)."""
+
+    kind: str = "mlp"
+    num_queries: int = 8
+    num_layers: int = 2
+    num_heads: int = 4
+    hidden_size: int = 64
+    intermediate_size: int = 128
+
+    def __post_init__(self) -> None:
+        _require(
+            self.kind in BRIDGER_KINDS,
+            f"BridgerConfig.kind must be one of {BRIDGER_KINDS}, got {self.kind!r}",
+        )
+        if self.kind == "qformer":
+            _positive(
+                self, "num_queries", "num_layers", "num_heads", "hidden_size", "intermediate_size"
+            )
+            _require(
+                self.hidden_size % self.num_heads == 0,
+                f"BridgerConfig: Q-Former hidden_size {self.hidden_size} is not divisible by "
+                f"num_heads {self.num_heads}",
+            )
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Llama-family decoder shapes (LlamaForCausalLM); `pretrained` is a local folder."""
+
+    vocab_size: int = 384
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 172
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+    # transformers' rope_parameters beyond the default rotary (rope_type, factor...), or None
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int | None = 3
+    pretrained: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")
+        _positive(self, "intermediate_size", "max_position_embeddings")
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            f"LLMConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
+        )
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"LLMConfig: num_kv_heads {self.num_kv_heads} does not divide num_heads {self.num_heads}",
+        )
+        _require(self.rope_theta > 0, f"LLMConfig.rope_theta must be > 0, got {self.rope_theta}")
+        _require(
+            self.rms_norm_eps > 0, f"LLMConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}"
+        )
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            _require(
+                value is None or 0 <= value < self.vocab_size,
+                f"LLMConfig.{name} {value} is outside the vocabulary (size {self.vocab_size})",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def default_preprocess(vision: VisionConfig) -> dict[str, Any]:
+    """Preprocessing that matches the vision tower: its input size, channels, [-1, 1] range."""
+    return PreprocessConfig(
+        image_size=vision.image_size, channels=vision.num_channels, mean=0.5, std=0.5
+    ).to_dict()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    bridger: BridgerConfig = field(default_factory=BridgerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    # A PreprocessConfig dict (cxrlite.data.preprocess); None means default_preprocess(vision).
+    preprocess: dict[str, Any] | None = None
+    image_token: str = DEFAULT_IMAGE_TOKEN
+    # Set once a tokenizer is bound (cxrlite.tokenizer.bind_tokenizer).
+    image_token_id: int | None = None
+    prompt_template: str = "cxr-chat-v1"
+
+    def __post_init__(self) -> None:
+        for name, cls in (("vision", VisionConfig), ("bridger", BridgerConfig), ("llm", LLMConfig)):
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, _from_dict(cls, getattr(self, name)))
+        _require(bool(self.image_token), "ModelConfig.image_token must be a non-empty string")
+        _require(
+            self.prompt_template in PROMPT_TEMPLATES,
+            f"ModelConfig.prompt_template must be one of {PROMPT_TEMPLATES}, got {self.prompt_template!r}",
+        )
+        _require(
+            self.image_token_id is None or 0 <= self.image_token_id < self.llm.vocab_size,
+            f"ModelConfig.image_token_id {self.image_token_id} is outside the vocabulary "
+            f"(size {self.llm.vocab_size})",
+        )
+        pre = self.preprocess if self.preprocess is not None else default_preprocess(self.vision)
+        pre = PreprocessConfig.from_dict(dict(pre)).to_dict()  # validates it
+        _require(
+            pre["image_size"] == self.vision.image_size
+            and pre["channels"] == self.vision.num_channels,
+            f"ModelConfig.preprocess gives {pre['channels']}x{pre['image_size']}px images but the "
+            f"vision encoder takes {self.vision.num_channels}x{self.vision.image_size}px",
+        )
+        object.__setattr__(self, "preprocess", pre)
+
+    @property
+    def n_image_tokens(self) -> int:
+        """How many positions one image fills in the LLM sequence."""
+        if self.bridger.kind == "qformer":
+            return self.bridger.num_queries
+        return self.vision.n_patches
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data)
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+# name -> (vision, bridger, llm); get_preset assembles the ModelConfig (and its preprocessing).
+PRESETS: dict[str, tuple[VisionConfig, BridgerConfig, LLMConfig]] = {}
+
+
+def _register(name: str, vision: VisionConfig, bridger: BridgerConfig, llm: LLMConfig) -> None:
+    PRESETS[name] = (vision, bridger, llm)
+
+
+# fmt: off
+# Tests: the whole four-stage recipe trains in seconds on a CPU.
+_register(
+    "tiny",
+    VisionConfig(kind="siglip", image_size=64, patch_size=16, num_channels=1, hidden_size=32,
+                 num_layers=2, num_heads=2, intermediate_size=64, feature_layer=-1),
+    BridgerConfig(kind="mlp", num_queries=4, num_layers=1, num_heads=2, hidden_size=32,
+                  intermediate_size=64),
+    LLMConfig(vocab_size=384, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+              intermediate_size=172, max_position_embeddings=256),
+)
+# CPU demo: learns the phantom findings in minutes on two cores.
+_register(
+    "small",
+    VisionConfig(kind="siglip", image_size=128, patch_size=16, num_channels=1, hidden_size=128,
+                 num_layers=4, num_heads=2, intermediate_size=512, feature_layer=-1),
+    BridgerConfig(kind="mlp", num_queries=16, num_layers=2, num_heads=4, hidden_size=128,
+                  intermediate_size=512),
+    LLMConfig(vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+              intermediate_size=688, max_position_embeddings=512),
+)
+# Real-size shapes: CLIP ViT-B/16 + a Llama-3.2-1B-shaped decoder (LLaVA-Rad scale).
+_register(
+    "vitb16-llama1b",
+    VisionConfig(kind="clip", image_size=224, patch_size=16, num_channels=3, hidden_size=768,
+                 num_layers=12, num_heads=12, intermediate_size=3072, feature_layer=-2),
+    BridgerConfig(kind="mlp", num_queries=64, num_layers=2, num_heads=12, hidden_size=768,
+                  intermediate_size=3072),
+    LLMConfig(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+              intermediate_size=8192, max_position_embeddings=8192, rope_theta=500000.0,
+              tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
+              pad_token_id=None),
+)
+# Real-size shapes: SigLIP-SO400M/14 at 384 px + a Llama-2-7B-shaped decoder (LLaVA-1.5 scale).
+_register(
+    "so400m-llama7b",
+    VisionConfig(kind="siglip", image_size=384, patch_size=14, num_channels=3, hidden_size=1152,
+                 num_layers=27, num_heads=16, intermediate_size=4304, feature_layer=-2),
+    BridgerConfig(kind="mlp", num_queries=128, num_layers=2, num_heads=16, hidden_size=768,
+                  intermediate_size=3072),
+    LLMConfig(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+              intermediate_size=11008, max_position_embeddings=4096, tie_word_embeddings=False,
+              pad_token_id=None),
+)
+# fmt: on
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    """A preset's ModelConfig; `vision`/`bridger`/`llm` overrides are dicts merged into the preset.
+
+    get_preset("tiny", bridger={"kind": "qformer"}, llm={"num_layers": 1})
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    vision, bridger, llm = PRESETS[name]
+    parts = {"vision": vision, "bridger": bridger, "llm": llm}
+    for key in ("vision", "bridger", "llm"):
+        change = overrides.pop(key, None)
+        if isinstance(change, dict):
+            unknown = sorted(set(change) - {f.name for f in fields(parts[key])})
+            _require(not unknown, f"get_preset: unknown {key} field(s) {unknown}")
+            parts[key] = dataclasses.replace(parts[key], **change)
+        elif change is not None:
+            parts[key] = change
+    return _from_dict(ModelConfig, {**parts, **overrides})
+
+
+# --- parameter counts from shapes ------------------------------------------------------------------
+
+
+def _vision_parameters(v: VisionConfig) -> int:
+    h, i = v.hidden_size, v.intermediate_size
+    layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * (2 * h)  # attn, mlp, 2 LayerNorms
+    patch = v.num_channels * v.patch_size**2 * h
+    if v.kind == "clip":
+        # no conv bias; CLS embedding and its position; pre- and post-LayerNorm
+        embeddings = patch + h + (v.n_patches + 1) * h
+        return embeddings + v.num_layers * layer + 2 * (2 * h)
+    embeddings = patch + h + v.n_patches * h
+    head = 0
+    if v.use_head:  # probe + nn.MultiheadAttention + LayerNorm + MLP
+        head = h + (3 * h * h + 3 * h) + (h * h + h) + 2 * h + (h * i + i) + (i * h + h)
+    return embeddings + v.num_layers * layer + 2 * h + head
+
+
+def _bridger_parameters(b: BridgerConfig, vision_width: int, llm_width: int) -> int:
+    if b.kind == "mlp":
+        return (vision_width * llm_width + llm_width) + (llm_width * llm_width + llm_width)
+    h, i = b.hidden_size, b.intermediate_size
+    self_attn = 4 * (h * h + h) + 2 * h
+    cross_attn = 2 * (h * h + h) + 2 * (vision_width * h + h) + 2 * h
+    ffn = (h * i + i) + (i * h + h) + 2 * h
+    queries = b.num_queries * h
+    return (
+        queries
+        + 2 * h
+        + b.num_layers * (self_attn + cross_attn + ffn)
+        + (h * llm_width + llm_width)
+    )
+
+
+def _llm_parameters(m: LLMConfig) -> int:
+    h, kv = m.hidden_size, m.num_kv_heads * m.head_dim
+    layer = 2 * h * h + 2 * h * kv + 3 * h * m.intermediate_size + 2 * h
+    head = 0 if m.tie_word_embeddings else m.vocab_size * h
+    return m.vocab_size * h + m.num_layers * layer + h + head
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts per part, from shapes alone (exactly what the built model holds)."""
+    vision = _vision_parameters(cfg.vision)
+    bridger = _bridger_parameters(cfg.bridger, cfg.vision.hidden_size, cfg.llm.hidden_size)
+    llm = _llm_parameters(cfg.llm)
+    return {"vision": vision, "bridger": bridger, "llm": llm, "total": vision + bridger + llm}

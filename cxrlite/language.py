@@ -1,0 +1,123 @@
+"""The language model: transformers' LlamaForCausalLM, random or from a local pretrained folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cxrlite.config import LLMConfig
+
+logger = logging.getLogger(__name__)
+
+# Shape fields that must agree between a pretrained folder and the config (vocab may grow).
+_SHAPE_FIELDS = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "intermediate_size",
+    "tie_word_embeddings",
+)
+
+
+def hf_llama_config(cfg: LLMConfig) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters={
+            **(cfg.rope_scaling or {"rope_type": "default"}),
+            "rope_theta": cfg.rope_theta,
+        },
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+    )
+
+
+def llm_config_from_pretrained(path: str | os.PathLike) -> LLMConfig:
+    """An LLMConfig with the shapes of the Llama-family model saved in a local folder."""
+    from transformers import LlamaConfig
+
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: not a pretrained model folder (no config.json)")
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_file}: unreadable config ({e})") from None
+    # Mistral without a sliding window is a Llama; with one, LlamaForCausalLM would ignore it.
+    if data.get("model_type") not in ("llama", "mistral") or data.get("sliding_window"):
+        raise ValueError(
+            f"{config_file}: model_type {data.get('model_type')!r} is not a Llama-family LLM "
+            "(Llama, Vicuna, or Mistral without a sliding window)"
+        )
+    hf = LlamaConfig.from_pretrained(str(path), local_files_only=True)
+    if hf.attention_bias or hf.mlp_bias or hf.head_dim != hf.hidden_size // hf.num_attention_heads:
+        raise ValueError(f"{config_file}: biases or a custom head_dim are not supported")
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    theta = float(rope.pop("rope_theta", 10000.0))
+    eos = hf.eos_token_id[0] if isinstance(hf.eos_token_id, list) else hf.eos_token_id
+    return LLMConfig(
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+        intermediate_size=hf.intermediate_size,
+        max_position_embeddings=hf.max_position_embeddings,
+        rope_theta=theta,
+        # e.g. Llama-3's "llama3" frequency scaling, which a rebuilt model must keep
+        rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
+        rms_norm_eps=hf.rms_norm_eps,
+        tie_word_embeddings=bool(hf.tie_word_embeddings),
+        bos_token_id=hf.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=hf.pad_token_id,
+        pretrained=str(path),
+    )
+
+
+def build_llm(cfg: LLMConfig, load_pretrained: bool = True) -> nn.Module:
+    """LlamaForCausalLM: loaded from `cfg.pretrained` when set and `load_pretrained`, else random.
+
+    A pretrained model's embeddings are resized to `cfg.vocab_size` when the tokenizer grew (the
+    image token was added)."""
+    from transformers import LlamaForCausalLM
+
+    if not (cfg.pretrained and load_pretrained):
+        return LlamaForCausalLM(hf_llama_config(cfg))
+    saved = llm_config_from_pretrained(cfg.pretrained)
+    mismatched = [f for f in _SHAPE_FIELDS if getattr(saved, f) != getattr(cfg, f)]
+    if mismatched or saved.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"{cfg.pretrained}: the saved LLM's {mismatched or ['vocab_size']} differ from the "
+            "config; build the config with llm_config_from_pretrained()"
+        )
+    logger.info("loading the LLM from %s", cfg.pretrained)
+    model = LlamaForCausalLM.from_pretrained(
+        cfg.pretrained, local_files_only=True, dtype=torch.float32
+    )
+    if saved.vocab_size != cfg.vocab_size:
+        model.resize_token_embeddings(cfg.vocab_size)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.config, name, getattr(cfg, name))
+        setattr(model.generation_config, name, getattr(cfg, name))
+    return model
