@@ -14,6 +14,7 @@ from cxrlite import __version__
 _COMMANDS = {
     "data": ("cxrlite.commands.data", "data", "Phantoms, DICOM/PNG inspection, report labels, instruction tasks."),
     "doctor": ("cxrlite.commands.doctor", "doctor", "What this machine can run, and what is missing for which feature."),
+    "train": ("cxrlite.commands.train", "train", "Train the model: CheXagent's four stages or LLaVA-Rad's two."),
 }
 
 
@@ -49,6 +50,7 @@ def main(ctx: click.Context, verbose: int) -> None:
     \b
     Data flow:
       cxrlite data phantoms   make labeled synthetic radiographs (tests, demo)
+      cxrlite train           train the model (four-stage recipe) on a dataset folder
       cxrlite doctor          check what this machine can run
     """
     setup_logging(verbose)

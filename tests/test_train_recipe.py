@@ -1,0 +1,138 @@
+"""The training recipe on the tiny preset: every stage learns, trains only its parts, and the
+stages chain through their checkpoint folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxrlite import model as vlm
+from cxrlite.data.phantoms import generate_phantoms
+from cxrlite.train.data import InstructionDataset
+from cxrlite.train.recipe import CHEXAGENT, plan
+from cxrlite.train.run import run_recipe
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms")
+    generate_phantoms(out, 48, seed=1, size=64)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chexagent_run(phantoms: Path, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run")
+    return out, run_recipe(phantoms, out, preset="tiny", progress=False, max_eval=4)
+
+
+def _weights(run: Path, stage: str) -> dict[str, torch.Tensor]:
+    return vlm.load_weights(run / stage / "checkpoint")
+
+
+def _same(a: dict, b: dict, prefix: str) -> bool:
+    keys = [k for k in a if k.startswith(prefix)]
+    assert keys
+    return all(torch.equal(a[k], b[k]) for k in keys)
+
+
+def test_every_stage_lowers_its_loss(chexagent_run) -> None:
+    _, results = chexagent_run
+    assert list(results) == [s.folder for s in CHEXAGENT]
+    for name, r in results.items():
+        assert r["eval"]["val_loss"] < r["val_loss_before"], (name, r)
+
+
+def test_each_stage_trains_only_its_parts(chexagent_run) -> None:
+    run, _ = chexagent_run
+    s0, s1, s2, s3 = (_weights(run, s.folder) for s in CHEXAGENT)
+    # stage 1: vision encoder only (the LLM and bridger come unchanged from stage 0)
+    assert not _same(s0, s1, "vision.") and _same(s0, s1, "llm.") and _same(s0, s1, "bridger.")
+    # stage 2: bridger only
+    assert _same(s1, s2, "vision.") and _same(s1, s2, "llm.") and not _same(s1, s2, "bridger.")
+    # stage 3: bridger + LLM, vision frozen
+    assert _same(s2, s3, "vision.") and not _same(s2, s3, "llm.") and not _same(s2, s3, "bridger.")
+
+
+def test_final_stage_reports_quality(chexagent_run) -> None:
+    run, results = chexagent_run
+    quality = results["stage3-instruction"]["quality"]
+    assert quality["n_test"] >= 1
+    assert 0.0 <= quality["findings_f1"]["macro_f1"] <= 1.0
+    assert "view_classification" in quality["multiple_choice"]
+    assert (run / "stage3-instruction" / "loss_curve.png").is_file()
+    assert (run / "stage3-instruction" / "metrics.jsonl").is_file()
+
+
+def test_rerun_skips_finished_stages(chexagent_run, phantoms: Path) -> None:
+    run, results = chexagent_run
+    before = _weights(run, "stage3-instruction")
+    again = run_recipe(phantoms, run, preset="tiny", progress=False, max_eval=4, stages=[2, 3])
+    assert again["stage3-instruction"]["final_loss"] == results["stage3-instruction"]["final_loss"]
+    assert _same(before, _weights(run, "stage3-instruction"), "llm.")
+
+
+def test_stage_by_stage_equals_one_run(chexagent_run, phantoms: Path, tmp_path: Path) -> None:
+    run, _ = chexagent_run
+    for stage in (0, 1, 2, 3):
+        run_recipe(phantoms, tmp_path, preset="tiny", progress=False, max_eval=4, stages=[stage])
+    a, b = _weights(run, "stage3-instruction"), _weights(tmp_path, "stage3-instruction")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_previous_stage_is_a_clear_error(phantoms: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="run --stages 1 first"):
+        run_recipe(phantoms, tmp_path, preset="tiny", progress=False, stages=[2])
+
+
+def test_answers_only_loss_masking(chexagent_run) -> None:
+    run, _ = chexagent_run
+    model, tokenizer, cfg = vlm.load(run / "stage3-instruction" / "checkpoint")
+    from cxrlite.data.records import TaskRecord
+
+    rec = TaskRecord(id="x", task="view_classification", images=[], prompt="Which view?", answer="PA",
+                     split="train", source="test", options=["PA", "AP"])
+    item = InstructionDataset([rec], None, tokenizer, cfg.n_image_tokens, 64)[0]
+    supervised = [t for t in item["labels"] if t != -100]
+    assert tokenizer.decode(supervised, skip_special_tokens=True).strip() == "PA"
+    assert supervised[-1] == tokenizer.eos_token_id
+    n_prompt = len(item["input_ids"]) - len(supervised)
+    assert item["labels"][:n_prompt] == [-100] * n_prompt
+
+
+def test_llava_rad_with_lora_merges(phantoms: Path, tmp_path: Path) -> None:
+    results = run_recipe(phantoms, tmp_path, preset="tiny", recipe="llava-rad", progress=False, max_eval=4)
+    assert list(results) == ["stage1-projector", "stage2-projector-lora"]
+    for r in results.values():
+        assert r["eval"]["val_loss"] < r["val_loss_before"]
+    merged = _weights(tmp_path, "stage2-projector-lora")
+    assert not any("lora_" in k for k in merged)  # adapters merged into plain Llama weights
+    assert not _same(_weights(tmp_path, "stage1-projector"), merged, "llm.")
+
+
+def test_lora_merge_keeps_logits(chexagent_run) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    run, _ = chexagent_run
+    model, _, cfg = vlm.load(run / "stage3-instruction" / "checkpoint")
+    model.llm = get_peft_model(model.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for name, p in model.llm.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.1)  # fresh adapters are zero; make them matter
+    ids = torch.randint(5, cfg.llm.vocab_size, (2, 12))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        model.llm = model.llm.merge_and_unload()
+        after = model(input_ids=ids).logits
+    assert (before - after).abs().max() < 1e-5
+
+
+def test_plan_scales_and_selects() -> None:
+    stages = plan("chexagent", "small", [2, 3], steps_scale=0.5)
+    assert [s.index for s in stages] == [2, 3]
+    assert stages[0].steps == round(CHEXAGENT[2].steps * 0.5)
+    with pytest.raises(ValueError, match="no stage"):
+        plan("chexagent", "small", [7])
