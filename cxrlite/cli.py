@@ -12,9 +12,21 @@ from cxrlite import __version__
 
 # name -> (module, attribute, one-line help). A command exists here only once it is real.
 _COMMANDS = {
-    "data": ("cxrlite.commands.data", "data", "Phantoms, DICOM/PNG inspection, report labels, instruction tasks."),
-    "doctor": ("cxrlite.commands.doctor", "doctor", "What this machine can run, and what is missing for which feature."),
-    "train": ("cxrlite.commands.train", "train", "Train the model: CheXagent's four stages or LLaVA-Rad's two."),
+    "data": (
+        "cxrlite.commands.data",
+        "data",
+        "Phantoms, DICOM/PNG inspection, report labels, instruction tasks.",
+    ),
+    "doctor": (
+        "cxrlite.commands.doctor",
+        "doctor",
+        "What this machine can run, and what is missing for which feature.",
+    ),
+    "train": (
+        "cxrlite.commands.train",
+        "train",
+        "Train the model: CheXagent's four stages or LLaVA-Rad's two.",
+    ),
 }
 
 
@@ -37,7 +49,9 @@ class LazyGroup(click.Group):
 def setup_logging(verbosity: int) -> None:
     """Quiet by default (warnings only); -v info, -vv debug."""
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -27,13 +27,23 @@ PixelsFor = Callable[[str], torch.Tensor]  # image path -> preprocessed [C, S, S
 
 
 @torch.no_grad()
-def generate_findings(model: Any, tokenizer: Any, studies: Sequence[Study], pixels_for: PixelsFor, *,
-                      batch_size: int = 16, max_new_tokens: int = 96, prompt: str = FINDINGS_PROMPT) -> list[str]:
+def generate_findings(
+    model: Any,
+    tokenizer: Any,
+    studies: Sequence[Study],
+    pixels_for: PixelsFor,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 96,
+    prompt: str = FINDINGS_PROMPT,
+) -> list[str]:
     """Greedy findings text for each study (left-padded batches, as generation needs)."""
     model.eval()
     n_image = model.cfg.n_image_tokens
     device = next(model.parameters()).device
-    prompt_ids = encode_example(tokenizer, prompt, None, with_image=True, n_image_tokens=n_image)["input_ids"]
+    prompt_ids = encode_example(tokenizer, prompt, None, with_image=True, n_image_tokens=n_image)[
+        "input_ids"
+    ]
     ids = torch.tensor([prompt_ids], device=device)
     texts: list[str] = []
     for start in range(0, len(studies), batch_size):
@@ -45,8 +55,9 @@ def generate_findings(model: Any, tokenizer: Any, studies: Sequence[Study], pixe
     return texts
 
 
-def score_findings(generated: Sequence[str], studies: Sequence[Study],
-                   observations: Sequence[str] = CORE_FINDINGS) -> dict[str, Any]:
+def score_findings(
+    generated: Sequence[str], studies: Sequence[Study], observations: Sequence[str] = CORE_FINDINGS
+) -> dict[str, Any]:
     """Labeler F1 of generated findings against each study's CheXpert truth."""
     pred = [label_report(text) for text in generated]
     truth = [study.chexpert for study in studies]
@@ -54,17 +65,33 @@ def score_findings(generated: Sequence[str], studies: Sequence[Study],
 
 
 @torch.no_grad()
-def option_logprobs(model: Any, tokenizer: Any, record: TaskRecord, pixels_for: PixelsFor) -> list[float]:
+def option_logprobs(
+    model: Any, tokenizer: Any, record: TaskRecord, pixels_for: PixelsFor
+) -> list[float]:
     """Sum of answer-token log-probabilities for each option of a multiple-choice record."""
     device = next(model.parameters()).device
-    encs = [encode_example(tokenizer, record.prompt, option, with_image=bool(record.images),
-                           n_image_tokens=model.cfg.n_image_tokens) for option in record.options or []]
+    encs = [
+        encode_example(
+            tokenizer,
+            record.prompt,
+            option,
+            with_image=bool(record.images),
+            n_image_tokens=model.cfg.n_image_tokens,
+        )
+        for option in record.options or []
+    ]
     width = max(len(e["input_ids"]) for e in encs)
     pad = tokenizer.pad_token_id
-    ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in encs], device=device)
-    labels = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in encs], device=device)
-    mask = (torch.arange(width, device=device)[None] < torch.tensor([len(e["input_ids"]) for e in encs],
-                                                                      device=device)[:, None]).long()
+    ids = torch.tensor(
+        [e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in encs], device=device
+    )
+    labels = torch.tensor(
+        [e["labels"] + [-100] * (width - len(e["labels"])) for e in encs], device=device
+    )
+    mask = (
+        torch.arange(width, device=device)[None]
+        < torch.tensor([len(e["input_ids"]) for e in encs], device=device)[:, None]
+    ).long()
     pixels = None
     if record.images:
         pixels = pixels_for(record.images[0]).unsqueeze(0).expand(len(encs), -1, -1, -1).to(device)
@@ -74,8 +101,9 @@ def option_logprobs(model: Any, tokenizer: Any, record: TaskRecord, pixels_for: 
     return (logp * (target != -100)).sum(-1).tolist()
 
 
-def multiple_choice_accuracy(model: Any, tokenizer: Any, records: Sequence[TaskRecord],
-                             pixels_for: PixelsFor) -> dict[str, dict[str, float]]:
+def multiple_choice_accuracy(
+    model: Any, tokenizer: Any, records: Sequence[TaskRecord], pixels_for: PixelsFor
+) -> dict[str, dict[str, float]]:
     """Accuracy per task over the multiple-choice records (the option with the highest likelihood)."""
     model.eval()
     hits: dict[str, list[int]] = defaultdict(list)
@@ -83,5 +111,7 @@ def multiple_choice_accuracy(model: Any, tokenizer: Any, records: Sequence[TaskR
         if not rec.options:
             continue
         scores = option_logprobs(model, tokenizer, rec, pixels_for)
-        hits[rec.task].append(int(rec.options[max(range(len(scores)), key=scores.__getitem__)] == rec.answer))
+        hits[rec.task].append(
+            int(rec.options[max(range(len(scores)), key=scores.__getitem__)] == rec.answer)
+        )
     return {task: {"accuracy": sum(h) / len(h), "n": len(h)} for task, h in sorted(hits.items())}

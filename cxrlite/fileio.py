@@ -17,7 +17,9 @@ from typing import IO, Any
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", fsync: bool = True, **kwargs: Any) -> Iterator[IO]:
+def atomic_open(
+    path: str | os.PathLike, mode: str = "w", fsync: bool = True, **kwargs: Any
+) -> Iterator[IO]:
     """Open a temp file beside `path`; on clean exit (fsync and) rename it over `path`.
 
     fsync=False still never exposes a partial file under the final name; it only skips the

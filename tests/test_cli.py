@@ -23,7 +23,9 @@ def run(*args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def phantom_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantoms")
-    code, stdout, _ = run("data", "phantoms", "--n", "12", "--out", str(out), "--size", "128", "--seed", "3")
+    code, stdout, _ = run(
+        "data", "phantoms", "--n", "12", "--out", str(out), "--size", "128", "--seed", "3"
+    )
     assert code == 0, stdout
     assert "wrote 12 phantoms" in stdout
     return out
@@ -43,7 +45,9 @@ def test_phantoms_manifest(phantom_dir: Path) -> None:
 
 
 def test_show_writes_sheet(phantom_dir: Path, tmp_path: Path) -> None:
-    code, _, _ = run("data", "show", str(phantom_dir), "--out", str(tmp_path / "sheet.png"), "--n", "6")
+    code, _, _ = run(
+        "data", "show", str(phantom_dir), "--out", str(tmp_path / "sheet.png"), "--n", "6"
+    )
     assert code == 0
     with Image.open(tmp_path / "sheet.png") as im:
         assert im.size[0] > 256 and im.size[1] > 128
@@ -55,7 +59,9 @@ def test_dicom_then_inspect_with_png(phantom_dir: Path, tmp_path: Path) -> None:
     code, _, _ = run("data", "dicom", str(png), "--out", str(dcm), "--monochrome1")
     assert code == 0
     seen = tmp_path / "seen.png"
-    code, stdout, _ = run("data", "inspect", str(dcm), "--png", str(seen), "--image-size", "64", "--json")
+    code, stdout, _ = run(
+        "data", "inspect", str(dcm), "--png", str(seen), "--image-size", "64", "--json"
+    )
     assert code == 0
     row = json.loads(stdout)
     assert row["ok"] and row["format"] == "dicom"
@@ -73,7 +79,9 @@ def test_inspect_reports_bad_files_and_exits_nonzero(phantom_dir: Path, tmp_path
     bad = tmp_path / "notes.dcm"
     bad.write_text("this is not an image")
     good = phantom_dir / read_jsonl(phantom_dir / "manifest.jsonl")[0]["image"]
-    code, stdout, stderr = run("data", "inspect", str(good), str(bad), str(tmp_path / "missing.png"))
+    code, stdout, stderr = run(
+        "data", "inspect", str(good), str(bad), str(tmp_path / "missing.png")
+    )
     assert code == 1
     assert f"{good}: format=png" in stdout
     assert "not_an_image" in stderr and "notes.dcm" in stderr

@@ -17,11 +17,9 @@ from cxrlite.data.datasets import (
     LOADERS,
     DatasetError,
     detect_layout,
-    findings_and_impression,
     load_dataset,
     padchest_chexpert,
     patient_split,
-    report_sections,
 )
 from cxrlite.data.labels import (
     CHEXPERT_OBSERVATIONS,
@@ -33,6 +31,7 @@ from cxrlite.data.labels import (
     StudyLabels,
 )
 from cxrlite.data.records import Study
+from cxrlite.data.report_sections import findings_and_impression, report_sections
 
 
 def _jpg(path: Path) -> None:

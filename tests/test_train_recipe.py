@@ -92,8 +92,16 @@ def test_answers_only_loss_masking(chexagent_run) -> None:
     model, tokenizer, cfg = vlm.load(run / "stage3-instruction" / "checkpoint")
     from cxrlite.data.records import TaskRecord
 
-    rec = TaskRecord(id="x", task="view_classification", images=[], prompt="Which view?", answer="PA",
-                     split="train", source="test", options=["PA", "AP"])
+    rec = TaskRecord(
+        id="x",
+        task="view_classification",
+        images=[],
+        prompt="Which view?",
+        answer="PA",
+        split="train",
+        source="test",
+        options=["PA", "AP"],
+    )
     item = InstructionDataset([rec], None, tokenizer, cfg.n_image_tokens, 64)[0]
     supervised = [t for t in item["labels"] if t != -100]
     assert tokenizer.decode(supervised, skip_special_tokens=True).strip() == "PA"
@@ -103,7 +111,9 @@ def test_answers_only_loss_masking(chexagent_run) -> None:
 
 
 def test_llava_rad_with_lora_merges(phantoms: Path, tmp_path: Path) -> None:
-    results = run_recipe(phantoms, tmp_path, preset="tiny", recipe="llava-rad", progress=False, max_eval=4)
+    results = run_recipe(
+        phantoms, tmp_path, preset="tiny", recipe="llava-rad", progress=False, max_eval=4
+    )
     assert list(results) == ["stage1-projector", "stage2-projector-lora"]
     for r in results.values():
         assert r["eval"]["val_loss"] < r["val_loss_before"]
@@ -117,7 +127,9 @@ def test_lora_merge_keeps_logits(chexagent_run) -> None:
 
     run, _ = chexagent_run
     model, _, cfg = vlm.load(run / "stage3-instruction" / "checkpoint")
-    model.llm = get_peft_model(model.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.llm = get_peft_model(
+        model.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     torch.manual_seed(0)
     for name, p in model.llm.named_parameters():
         if "lora_B" in name:

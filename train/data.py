@@ -30,10 +30,14 @@ class ImageStore:
     def __init__(self, paths: Sequence[str], cfg: PreprocessConfig) -> None:
         unique = sorted(set(paths))
         self.index = {p: i for i, p in enumerate(unique)}
-        self.pixels = torch.empty((len(unique), cfg.channels, cfg.image_size, cfg.image_size), dtype=torch.float16)
+        self.pixels = torch.empty(
+            (len(unique), cfg.channels, cfg.image_size, cfg.image_size), dtype=torch.float16
+        )
         with progress_bar("decoding images", total=len(unique)) as advance:
             for i, path in enumerate(unique):
-                self.pixels[i] = torch.from_numpy(preprocess(load_image(path).pixels, cfg).astype(np.float16))
+                self.pixels[i] = torch.from_numpy(
+                    preprocess(load_image(path).pixels, cfg).astype(np.float16)
+                )
                 advance()
         logger.info("image store: %d images, %.0f MB", len(unique), self.pixels.numel() * 2 / 2**20)
 
@@ -51,7 +55,9 @@ class TextDataset(torch.utils.data.Dataset):
     def __init__(self, texts: Sequence[str], tokenizer: Any, max_len: int) -> None:
         self.items = []
         for text in texts:
-            ids = tokenizer.encode(text, add_special_tokens=True)[: max_len - 1] + [tokenizer.eos_token_id]
+            ids = tokenizer.encode(text, add_special_tokens=True)[: max_len - 1] + [
+                tokenizer.eos_token_id
+            ]
             self.items.append({"input_ids": ids, "labels": list(ids)})
 
     def __len__(self) -> int:
@@ -64,7 +70,9 @@ class TextDataset(torch.utils.data.Dataset):
 class ImageTextDataset(torch.utils.data.Dataset):
     """Stage 1: (image, report tokens) pairs for contrastive + captioning training."""
 
-    def __init__(self, studies: Sequence[Study], images: ImageStore, tokenizer: Any, max_len: int) -> None:
+    def __init__(
+        self, studies: Sequence[Study], images: ImageStore, tokenizer: Any, max_len: int
+    ) -> None:
         self.images = images
         self.items = []
         for study in studies:
@@ -82,22 +90,37 @@ class ImageTextDataset(torch.utils.data.Dataset):
 class InstructionDataset(torch.utils.data.Dataset):
     """Stages 2 and 3: prompt (+ image) -> answer, loss on the answer tokens only."""
 
-    def __init__(self, records: Sequence[TaskRecord], images: ImageStore | None, tokenizer: Any,
-                 n_image_tokens: int, max_len: int) -> None:
+    def __init__(
+        self,
+        records: Sequence[TaskRecord],
+        images: ImageStore | None,
+        tokenizer: Any,
+        n_image_tokens: int,
+        max_len: int,
+    ) -> None:
         self.images = images
         self.items = []
         dropped = 0
         for rec in records:
             if len(rec.images) > 1:
-                raise ValueError(f"task {rec.id}: {len(rec.images)} images; one image per example is supported")
-            enc = encode_example(tokenizer, rec.prompt, rec.answer, with_image=bool(rec.images),
-                                 n_image_tokens=n_image_tokens)
+                raise ValueError(
+                    f"task {rec.id}: {len(rec.images)} images; one image per example is supported"
+                )
+            enc = encode_example(
+                tokenizer,
+                rec.prompt,
+                rec.answer,
+                with_image=bool(rec.images),
+                n_image_tokens=n_image_tokens,
+            )
             if len(enc["input_ids"]) > max_len:
                 dropped += 1  # truncating would cut the answer, the only supervised part
                 continue
             self.items.append((rec.images[0] if rec.images else None, enc))
         if dropped:
-            logger.warning("dropped %d of %d examples longer than %d tokens", dropped, len(records), max_len)
+            logger.warning(
+                "dropped %d of %d examples longer than %d tokens", dropped, len(records), max_len
+            )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -127,4 +150,3 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
     if pixels:
         out["pixels"] = torch.stack(pixels)
     return out
-

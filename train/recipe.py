@@ -40,7 +40,9 @@ class StageDef:
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"stage {self.name}: objective must be one of {OBJECTIVES}, got {self.objective!r}")
+            raise ValueError(
+                f"stage {self.name}: objective must be one of {OBJECTIVES}, got {self.objective!r}"
+            )
         if self.objective in ("bridger_caption", "instruction") and not self.tasks:
             raise ValueError(f"stage {self.name}: an instruction stage needs a task mix")
         if not any(v > 0 for v in self.lr.values()):
@@ -52,20 +54,63 @@ class StageDef:
 
 
 CHEXAGENT = (
-    StageDef(0, "clinical-llm", "text_lm", {"vision": 0.0, "bridger": 0.0, "llm": 2e-3}, steps=500, batch_size=16),
-    StageDef(1, "vision-encoder", "vision_pretrain", {"vision": 1e-3, "text": 1e-3}, steps=900, batch_size=32),
-    StageDef(2, "bridger", "bridger_caption", {"vision": 0.0, "bridger": 2e-3, "llm": 0.0}, steps=300,
-             batch_size=16, tasks={"findings_generation": 1.0}),
-    StageDef(3, "instruction", "instruction", {"vision": 0.0, "bridger": 5e-4, "llm": 5e-4}, steps=900,
-             batch_size=16, tasks=DEFAULT_TASK_RATIOS),
+    StageDef(
+        0,
+        "clinical-llm",
+        "text_lm",
+        {"vision": 0.0, "bridger": 0.0, "llm": 2e-3},
+        steps=500,
+        batch_size=16,
+    ),
+    StageDef(
+        1,
+        "vision-encoder",
+        "vision_pretrain",
+        {"vision": 1e-3, "text": 1e-3},
+        steps=900,
+        batch_size=32,
+    ),
+    StageDef(
+        2,
+        "bridger",
+        "bridger_caption",
+        {"vision": 0.0, "bridger": 2e-3, "llm": 0.0},
+        steps=300,
+        batch_size=16,
+        tasks={"findings_generation": 1.0},
+    ),
+    StageDef(
+        3,
+        "instruction",
+        "instruction",
+        {"vision": 0.0, "bridger": 5e-4, "llm": 5e-4},
+        steps=900,
+        batch_size=16,
+        tasks=DEFAULT_TASK_RATIOS,
+    ),
 )
 
 # LLaVA-Rad: align the projector on captions, then projector + LoRA on the LLM.
 LLAVA_RAD = (
-    StageDef(1, "projector", "bridger_caption", {"vision": 0.0, "bridger": 2e-3, "llm": 0.0}, steps=300,
-             batch_size=16, tasks={"findings_generation": 1.0}),
-    StageDef(2, "projector-lora", "instruction", {"vision": 0.0, "bridger": 5e-4, "llm": 1e-3}, steps=900,
-             batch_size=16, lora=True, tasks=DEFAULT_TASK_RATIOS),
+    StageDef(
+        1,
+        "projector",
+        "bridger_caption",
+        {"vision": 0.0, "bridger": 2e-3, "llm": 0.0},
+        steps=300,
+        batch_size=16,
+        tasks={"findings_generation": 1.0},
+    ),
+    StageDef(
+        2,
+        "projector-lora",
+        "instruction",
+        {"vision": 0.0, "bridger": 5e-4, "llm": 1e-3},
+        steps=900,
+        batch_size=16,
+        lora=True,
+        tasks=DEFAULT_TASK_RATIOS,
+    ),
 )
 
 RECIPES: dict[str, tuple[StageDef, ...]] = {"chexagent": CHEXAGENT, "llava-rad": LLAVA_RAD}
@@ -74,8 +119,13 @@ RECIPES: dict[str, tuple[StageDef, ...]] = {"chexagent": CHEXAGENT, "llava-rad":
 PRESET_SCALE: dict[str, tuple[float, int]] = {"tiny": (0.04, 2), "small": (1.0, 64)}
 
 
-def plan(recipe: str, preset: str, stages: list[int] | None = None, steps_scale: float = 1.0,
-         lora: bool = False) -> list[StageDef]:
+def plan(
+    recipe: str,
+    preset: str,
+    stages: list[int] | None = None,
+    steps_scale: float = 1.0,
+    lora: bool = False,
+) -> list[StageDef]:
     """The stages to run: the recipe's table, scaled for the preset, optionally a subset."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
@@ -93,6 +143,12 @@ def plan(recipe: str, preset: str, stages: list[int] | None = None, steps_scale:
         if stages is not None and s.index not in stages:
             continue
         steps = max(2, round(s.steps * scale * steps_scale))
-        out.append(replace(s, steps=steps, batch_size=min(s.batch_size, max_batch),
-                           lora=s.lora or (lora and s.lr.get("llm", 0) > 0 and s.objective == "instruction")))
+        out.append(
+            replace(
+                s,
+                steps=steps,
+                batch_size=min(s.batch_size, max_batch),
+                lora=s.lora or (lora and s.lr.get("llm", 0) > 0 and s.objective == "instruction"),
+            )
+        )
     return out

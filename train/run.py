@@ -59,11 +59,23 @@ def split_studies(studies: list[Study], max_train: int | None) -> dict[str, list
     return by_split
 
 
-def run_recipe(data: str | Path, out: str | Path, *, preset: str = "small", recipe: str = "chexagent",
-               stages: list[int] | None = None, steps_scale: float = 1.0, lora: bool = False,
-               vision_init: str | None = None, llm_init: str | None = None, device: str | None = None,
-               seed: int = 0, max_train: int | None = None, max_eval: int = 200,
-               progress: bool = True) -> dict[str, Any]:
+def run_recipe(
+    data: str | Path,
+    out: str | Path,
+    *,
+    preset: str = "small",
+    recipe: str = "chexagent",
+    stages: list[int] | None = None,
+    steps_scale: float = 1.0,
+    lora: bool = False,
+    vision_init: str | None = None,
+    llm_init: str | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_eval: int = 200,
+    progress: bool = True,
+) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dist = init_distributed()
@@ -78,11 +90,30 @@ def run_recipe(data: str | Path, out: str | Path, *, preset: str = "small", reci
     eval_studies = splits["validate"][:max_eval] + splits["test"][:max_eval]
     images = ImageStore([s.image for s in splits["train"] + eval_studies], pre)
     records = build_tasks(splits["train"] + eval_studies, seed=seed)
-    write_json(out / "recipe.json", {"preset": preset, "recipe": recipe, "seed": seed,
-                                     "stages": [asdict(s) for s in full_table], "n_train": len(splits["train"])})
-    ctx = StageContext(out=out, cfg=cfg, splits=splits, images=images, records=records, device=choice.device,
-                       autocast=choice.autocast_dtype, dist=dist, seed=seed, progress=progress,
-                       max_eval=max_eval, last_stage=full_table[-1].index)
+    write_json(
+        out / "recipe.json",
+        {
+            "preset": preset,
+            "recipe": recipe,
+            "seed": seed,
+            "stages": [asdict(s) for s in full_table],
+            "n_train": len(splits["train"]),
+        },
+    )
+    ctx = StageContext(
+        out=out,
+        cfg=cfg,
+        splits=splits,
+        images=images,
+        records=records,
+        device=choice.device,
+        autocast=choice.autocast_dtype,
+        dist=dist,
+        seed=seed,
+        progress=progress,
+        max_eval=max_eval,
+        last_stage=full_table[-1].index,
+    )
     results: dict[str, Any] = {}
     for stage in stage_plan:
         previous = _previous_checkpoint(out, full_table, stage)
@@ -99,8 +130,10 @@ def _previous_checkpoint(out: Path, table: list[StageDef], stage: StageDef) -> P
     prev = table[position - 1]
     ckpt = out / prev.folder / "checkpoint"
     if not (ckpt / vlm.CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"stage {stage.index} ({stage.name}) starts from stage {prev.index}'s checkpoint "
-                                f"{ckpt}, which does not exist: run --stages {prev.index} first")
+        raise FileNotFoundError(
+            f"stage {stage.index} ({stage.name}) starts from stage {prev.index}'s checkpoint "
+            f"{ckpt}, which does not exist: run --stages {prev.index} first"
+        )
     return ckpt
 
 

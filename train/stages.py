@@ -35,8 +35,14 @@ from cxrlite.train.text_side import TextSide, VisionPretrainer
 logger = logging.getLogger(__name__)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Multiple-choice tasks scored at the end of the recipe (by option likelihood).
-MC_TASKS = ("view_classification", "binary_disease_classification", "single_disease_identification",
-            "location_vqa", "severity_vqa", "image_text_reasoning")
+MC_TASKS = (
+    "view_classification",
+    "binary_disease_classification",
+    "single_disease_identification",
+    "location_vqa",
+    "severity_vqa",
+    "image_text_reasoning",
+)
 
 
 @dataclass
@@ -55,7 +61,9 @@ class StageContext:
     last_stage: int
 
 
-def _start(previous: Path | None, ctx: StageContext, stage_dir: Path) -> tuple[vlm.CXRVLM, Any, ModelConfig]:
+def _start(
+    previous: Path | None, ctx: StageContext, stage_dir: Path
+) -> tuple[vlm.CXRVLM, Any, ModelConfig]:
     """The previous stage's checkpoint, or (first stage) a new model and its tokenizer."""
     if previous is not None:
         return vlm.load(previous, device=ctx.device)
@@ -78,8 +86,11 @@ def _barrier(ctx: StageContext) -> None:
 
 
 def _parts(model: vlm.CXRVLM) -> dict[str, list[torch.nn.Parameter]]:
-    return {"vision": list(model.vision.parameters()), "bridger": list(model.bridger.parameters()),
-            "llm": [p for n, p in model.llm.named_parameters() if "lora_" in n or not _has_lora(model)]}
+    return {
+        "vision": list(model.vision.parameters()),
+        "bridger": list(model.bridger.parameters()),
+        "llm": [p for n, p in model.llm.named_parameters() if "lora_" in n or not _has_lora(model)],
+    }
 
 
 def _has_lora(model: vlm.CXRVLM) -> bool:
@@ -91,12 +102,16 @@ def _lm_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[st
     return {"loss": out.loss, "n_tokens": batch["labels"].ne(-100).sum()}
 
 
-def _vision_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _vision_loss(
+    module: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     return module(**batch)
 
 
 @torch.no_grad()
-def _mean_loss(module: torch.nn.Module, loss_fn, dataset, pad_id: int, device: torch.device, batch: int = 8) -> float:
+def _mean_loss(
+    module: torch.nn.Module, loss_fn, dataset, pad_id: int, device: torch.device, batch: int = 8
+) -> float:
     losses, training = [], module.training
     module.eval()
     for start in range(0, len(dataset), batch):
@@ -122,43 +137,88 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
     if stage.lora:
         from peft import LoraConfig, get_peft_model
 
-        model.llm = get_peft_model(model.llm, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                                         target_modules=LORA_TARGETS))
+        model.llm = get_peft_model(
+            model.llm,
+            LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS),
+        )
     images = ctx.images
     if stage.objective == "text_lm":
         module, loss_fn = model, _lm_loss
         train = TextDataset([report_text(s) for s in ctx.splits["train"]], tokenizer, max_len)
-        val = TextDataset([report_text(s) for s in ctx.splits["validate"][: ctx.max_eval]], tokenizer, max_len)
+        val = TextDataset(
+            [report_text(s) for s in ctx.splits["validate"][: ctx.max_eval]], tokenizer, max_len
+        )
         groups = _parts(model)
     elif stage.objective == "vision_pretrain":
         text = TextSide(len(tokenizer), cfg.vision, max_len=max_len, pad_id=pad)
-        module, loss_fn = VisionPretrainer(model.vision, cfg.vision, text).to(ctx.device), _vision_loss
+        module, loss_fn = (
+            VisionPretrainer(model.vision, cfg.vision, text).to(ctx.device),
+            _vision_loss,
+        )
         train = ImageTextDataset(ctx.splits["train"], images, tokenizer, max_len)
         val = ImageTextDataset(ctx.splits["validate"][: ctx.max_eval], images, tokenizer, max_len)
-        groups = {"vision": list(module.vision.parameters()), "text": list(module.text.parameters())}
+        groups = {
+            "vision": list(module.vision.parameters()),
+            "text": list(module.text.parameters()),
+        }
     else:
         module, loss_fn = model, _lm_loss
         mix = task_mix(_records(ctx, stage, "train"), stage.tasks, seed=ctx.seed)
         train = InstructionDataset(mix, images, tokenizer, cfg.n_image_tokens, max_len)
-        val = InstructionDataset(_records(ctx, stage, "validate")[: ctx.max_eval], images, tokenizer,
-                                 cfg.n_image_tokens, max_len)
+        val = InstructionDataset(
+            _records(ctx, stage, "validate")[: ctx.max_eval],
+            images,
+            tokenizer,
+            cfg.n_image_tokens,
+            max_len,
+        )
         groups = _parts(model)
-    spec = StageSpec(name=stage.folder, max_steps=stage.steps, batch_size=stage.batch_size,
-                     lr={k: v for k, v in stage.lr.items() if k in groups},
-                     warmup_steps=max(1, int(stage.steps * stage.warmup_frac)),
-                     checkpoint_every=max(1, stage.steps // 4), seed=ctx.seed + stage.index)
-    eval_fn = (lambda m: {"val_loss": _mean_loss(module, loss_fn, val, pad, ctx.device)}) if len(val) else None
+    spec = StageSpec(
+        name=stage.folder,
+        max_steps=stage.steps,
+        batch_size=stage.batch_size,
+        lr={k: v for k, v in stage.lr.items() if k in groups},
+        warmup_steps=max(1, int(stage.steps * stage.warmup_frac)),
+        checkpoint_every=max(1, stage.steps // 4),
+        seed=ctx.seed + stage.index,
+    )
+    eval_fn = (
+        (lambda m: {"val_loss": _mean_loss(module, loss_fn, val, pad, ctx.device)})
+        if len(val)
+        else None
+    )
     # Validation before training too, on the same held-out batch: "did this stage learn" is then
     # a comparison of two deterministic numbers instead of two noisy training-batch losses.
-    val_before = eval_fn(module)["val_loss"] if eval_fn and not (stage_dir / "checkpoints").exists() else None
-    result = train_stage(spec, module, groups, loss_fn, train, functools.partial(collate, pad_id=pad), stage_dir,
-                         device=ctx.device, autocast_dtype=ctx.autocast, eval_fn=eval_fn, dist_ctx=ctx.dist,
-                         progress=ctx.progress)
+    val_before = (
+        eval_fn(module)["val_loss"]
+        if eval_fn and not (stage_dir / "checkpoints").exists()
+        else None
+    )
+    result = train_stage(
+        spec,
+        module,
+        groups,
+        loss_fn,
+        train,
+        functools.partial(collate, pad_id=pad),
+        stage_dir,
+        device=ctx.device,
+        autocast_dtype=ctx.autocast,
+        eval_fn=eval_fn,
+        dist_ctx=ctx.dist,
+        progress=ctx.progress,
+    )
     if stage.lora:
         model.llm = model.llm.merge_and_unload()
-    summary = {"stage": stage.folder, "steps": result.steps, "first_loss": result.first_loss,
-               "final_loss": result.final_loss_avg, "wall_time_s": result.wall_time_s, "eval": result.eval,
-               "val_loss_before": val_before}
+    summary = {
+        "stage": stage.folder,
+        "steps": result.steps,
+        "first_loss": result.first_loss,
+        "final_loss": result.final_loss_avg,
+        "wall_time_s": result.wall_time_s,
+        "eval": result.eval,
+        "val_loss_before": val_before,
+    }
     if stage.index == ctx.last_stage and ctx.dist.rank == 0:
         summary["quality"] = evaluate_quality(model, tokenizer, ctx)
     if ctx.dist.rank == 0:
@@ -177,8 +237,15 @@ def evaluate_quality(model: vlm.CXRVLM, tokenizer: Any, ctx: StageContext) -> di
     generated = generate_findings(model, tokenizer, test, ctx.images.__getitem__)
     f1 = score_findings(generated, test)
     mc = [r for r in ctx.records if r.split == "test" and r.task in MC_TASKS][: 3 * ctx.max_eval]
-    quality = {"n_test": len(test), "findings_f1": f1, "multiple_choice": multiple_choice_accuracy(
-        model, tokenizer, mc, ctx.images.__getitem__), "examples": [
-        {"id": s.id, "generated": g, "reference": s.findings} for s, g in list(zip(test, generated))[:3]]}
+    examples = [
+        {"id": s.id, "generated": g, "reference": s.findings}
+        for s, g in zip(test[:3], generated[:3], strict=True)
+    ]
+    quality = {
+        "n_test": len(test),
+        "findings_f1": f1,
+        "multiple_choice": multiple_choice_accuracy(model, tokenizer, mc, ctx.images.__getitem__),
+        "examples": examples,
+    }
     logger.info("held-out findings macro-F1 %.3f over %d studies", f1["macro_f1"], len(test))
     return quality

@@ -18,15 +18,31 @@ from cxrlite.vision import select_features
 
 
 class TextSide(nn.Module):
-    def __init__(self, vocab_size: int, vision: VisionConfig, embed_dim: int = 128, num_layers: int = 2,
-                 num_heads: int = 4, max_len: int = 512, pad_id: int = 0) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        vision: VisionConfig,
+        embed_dim: int = 128,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        max_len: int = 512,
+        pad_id: int = 0,
+    ) -> None:
         super().__init__()
         width = vision.hidden_size
         self.pad_id = pad_id
         self.tokens = nn.Embedding(vocab_size, width)
         self.positions = nn.Embedding(max_len, width)
-        layer = dict(d_model=width, nhead=num_heads, dim_feedforward=4 * width, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), num_layers, enable_nested_tensor=False)
+        layer = dict(
+            d_model=width,
+            nhead=num_heads,
+            dim_feedforward=4 * width,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(**layer), num_layers, enable_nested_tensor=False
+        )
         self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), num_layers)
         self.lm_head = nn.Linear(width, vocab_size)
         self.image_proj = nn.Linear(width, embed_dim)
@@ -46,13 +62,21 @@ class TextSide(nn.Module):
     def image_embedding(self, patches: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(patches.mean(1)), dim=-1)
 
-    def caption_logits(self, ids: torch.Tensor, mask: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        causal = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], device=ids.device, dtype=torch.bool)
-        hidden = self.decoder(self._embed(ids), patches, tgt_mask=causal, tgt_key_padding_mask=mask == 0)
+    def caption_logits(
+        self, ids: torch.Tensor, mask: torch.Tensor, patches: torch.Tensor
+    ) -> torch.Tensor:
+        causal = nn.Transformer.generate_square_subsequent_mask(
+            ids.shape[1], device=ids.device, dtype=torch.bool
+        )
+        hidden = self.decoder(
+            self._embed(ids), patches, tgt_mask=causal, tgt_key_padding_mask=mask == 0
+        )
         return self.lm_head(hidden)
 
 
-def siglip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def siglip_loss(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
     """Sigmoid pairwise loss (SigLIP): matching pairs on the diagonal are positives."""
     logits = image @ text.T * scale.exp() + bias
     labels = 2 * torch.eye(len(image), device=image.device) - 1
@@ -62,21 +86,41 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bi
 class VisionPretrainer(nn.Module):
     """What stage 1 trains: the ViT plus the text side, with one forward returning the loss."""
 
-    def __init__(self, vision: nn.Module, vision_cfg: VisionConfig, text: TextSide, caption_weight: float = 1.0):
+    def __init__(
+        self,
+        vision: nn.Module,
+        vision_cfg: VisionConfig,
+        text: TextSide,
+        caption_weight: float = 1.0,
+    ):
         super().__init__()
         self.vision = vision
         self.vision_cfg = vision_cfg
         self.text = text
         self.caption_weight = caption_weight
 
-    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         dtype = next(self.vision.parameters()).dtype
         outputs = self.vision(pixel_values=pixels.to(dtype), output_hidden_states=True)
         patches = select_features(outputs, self.vision_cfg)
-        contrastive = siglip_loss(self.text.image_embedding(patches), self.text.text_embedding(input_ids, attention_mask),
-                                  self.text.logit_scale, self.text.logit_bias)
+        contrastive = siglip_loss(
+            self.text.image_embedding(patches),
+            self.text.text_embedding(input_ids, attention_mask),
+            self.text.logit_scale,
+            self.text.logit_bias,
+        )
         logits = self.text.caption_logits(input_ids[:, :-1], attention_mask[:, :-1], patches)
-        caption = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-        return {"loss": contrastive + self.caption_weight * caption, "contrastive": contrastive.detach(),
-                "caption": caption.detach()}
+        caption = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+        return {
+            "loss": contrastive + self.caption_weight * caption,
+            "contrastive": contrastive.detach(),
+            "caption": caption.detach(),
+        }

@@ -13,7 +13,12 @@ logger = logging.getLogger(__name__)
 
 # Errors a user can cause (bad file, bad argument, bad data): shown as one clear line, exit 1.
 # Anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -20,9 +20,17 @@ def data() -> None:
 
 @data.command()
 @click.option("--n", "n", type=click.IntRange(1), required=True, help="Number of studies.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same phantoms.")
-@click.option("--size", type=click.IntRange(64, 2048), default=256, show_default=True, help="Image side in pixels.")
+@click.option(
+    "--size",
+    type=click.IntRange(64, 2048),
+    default=256,
+    show_default=True,
+    help="Image side in pixels.",
+)
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="Processes.")
 @user_errors
 def phantoms(n: int, out: Path, seed: int, size: int, workers: int) -> None:
@@ -40,16 +48,29 @@ def phantoms(n: int, out: Path, seed: int, size: int, workers: int) -> None:
             advance(done - done_so_far[0])
             done_so_far[0] = done
 
-        studies = generate_phantoms(out, n, seed=seed, size=size, workers=workers, progress=on_progress)
+        studies = generate_phantoms(
+            out, n, seed=seed, size=size, workers=workers, progress=on_progress
+        )
     dt = time.perf_counter() - t0
     splits = {s: sum(st.split == s for st in studies) for s in ("train", "validate", "test")}
-    click.echo(f"wrote {len(studies)} phantoms to {out} in {dt:.1f} s ({len(studies) / dt:.0f}/s); splits {splits}")
+    click.echo(
+        f"wrote {len(studies)} phantoms to {out} in {dt:.1f} s ({len(studies) / dt:.0f}/s); splits {splits}"
+    )
 
 
 @data.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG to write.")
-@click.option("--n", "n", type=click.IntRange(1, 200), default=24, show_default=True, help="Studies on the sheet.")
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG to write."
+)
+@click.option(
+    "--n",
+    "n",
+    type=click.IntRange(1, 200),
+    default=24,
+    show_default=True,
+    help="Studies on the sheet.",
+)
 @click.option("--cols", type=click.IntRange(1, 20), default=6, show_default=True)
 @user_errors
 def show(directory: Path, out: Path, n: int, cols: int) -> None:
@@ -64,10 +85,20 @@ def show(directory: Path, out: Path, n: int, cols: int) -> None:
 
 @data.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--png", "png_out", type=click.Path(path_type=Path), default=None,
-              help="Write the preprocessed image (what the model sees): a .png path for one file, else a folder.")
-@click.option("--image-size", type=click.IntRange(16, 4096), default=224, show_default=True,
-              help="Model input size used for --png.")
+@click.option(
+    "--png",
+    "png_out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the preprocessed image (what the model sees): a .png path for one file, else a folder.",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(16, 4096),
+    default=224,
+    show_default=True,
+    help="Model input size used for --png.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
 def inspect(files: tuple[Path, ...], png_out: Path | None, image_size: int, as_json: bool) -> None:
     """Print what was read from each DICOM/PNG/JPEG file (format, modality, photometric
@@ -85,17 +116,30 @@ def inspect(files: tuple[Path, ...], png_out: Path | None, image_size: int, as_j
                 raise FileNotFoundError(f"{path}: no such file")
             info = inspect_image(path)
             if png_out is not None:
-                target = png_out if (len(files) == 1 and png_out.suffix.lower() == ".png") else png_out / f"{path.stem}.png"
+                target = (
+                    png_out
+                    if (len(files) == 1 and png_out.suffix.lower() == ".png")
+                    else png_out / f"{path.stem}.png"
+                )
                 to_display_png(preprocess(load_image(path).pixels, cfg), target, cfg)
                 info["png"] = str(target)
             row = {"file": str(path), "ok": True, **info}
         except (ImageError, OSError) as e:
             failed += 1
-            row = {"file": str(path), "ok": False, "error": getattr(e, "code", type(e).__name__), "message": str(e)}
+            row = {
+                "file": str(path),
+                "ok": False,
+                "error": getattr(e, "code", type(e).__name__),
+                "message": str(e),
+            }
         if as_json:
             click.echo(json.dumps(row, default=str))
         elif row["ok"]:
-            details = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("file", "ok") and v not in (None, [], ""))
+            details = ", ".join(
+                f"{k}={v}"
+                for k, v in row.items()
+                if k not in ("file", "ok") and v not in (None, [], "")
+            )
             click.echo(f"{path}: {details}")
         else:
             click.echo(f"{path}: ERROR {row['error']}: {row['message']}", err=True)
@@ -105,7 +149,9 @@ def inspect(files: tuple[Path, ...], png_out: Path | None, image_size: int, as_j
 
 @data.command()
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="JSONL to write.")
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="JSONL to write."
+)
 @user_errors
 def label(source: Path, out: Path) -> None:
     """Label report texts with the 14 CheXpert observations.
@@ -131,9 +177,18 @@ def label(source: Path, out: Path) -> None:
 
 @data.command("import")
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--layout", default=None, help="Dataset layout (default: detected). One of: mimic-cxr-jpg, "
-              "chexpert, iu-xray, padchest, jsonl, phantom.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Study manifest JSONL.")
+@click.option(
+    "--layout",
+    default=None,
+    help="Dataset layout (default: detected). One of: mimic-cxr-jpg, "
+    "chexpert, iu-xray, padchest, jsonl, phantom.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Study manifest JSONL.",
+)
 @user_errors
 def import_(root: Path, layout: str | None, out: Path) -> None:
     """Turn a published dataset layout under ROOT into a cxrlite study manifest (JSONL)."""
@@ -148,8 +203,17 @@ def import_(root: Path, layout: str | None, out: Path) -> None:
 
 @data.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Task JSONL to write.")
-@click.option("--layout", default=None, help="Layout of SOURCE when it is a dataset folder (default: detected).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Task JSONL to write.",
+)
+@click.option(
+    "--layout",
+    default=None,
+    help="Layout of SOURCE when it is a dataset folder (default: detected).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @user_errors
 def tasks(source: Path, out: Path, layout: str | None, seed: int) -> None:
@@ -173,8 +237,15 @@ def tasks(source: Path, out: Path, layout: str | None, seed: int) -> None:
 
 @data.command("dicom")
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="DICOM file to write.")
-@click.option("--monochrome1", is_flag=True, help="Store inverted (MONOCHROME1), as some CR systems do.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="DICOM file to write.",
+)
+@click.option(
+    "--monochrome1", is_flag=True, help="Store inverted (MONOCHROME1), as some CR systems do."
+)
 @user_errors
 def dicom(image: Path, out: Path, monochrome1: bool) -> None:
     """Wrap a PNG/JPEG (e.g. a phantom) into a 12-bit DX DICOM with synthetic identifiers,
@@ -187,6 +258,11 @@ def dicom(image: Path, out: Path, monochrome1: bool) -> None:
     pixels = np.round(load_image(image).pixels * 4095).astype(np.uint16)
     if monochrome1:
         pixels = 4095 - pixels
-    write_dicom(out, pixels, photometric="MONOCHROME1" if monochrome1 else "MONOCHROME2", bits_stored=12,
-                window=(2048.0, 4096.0))
+    write_dicom(
+        out,
+        pixels,
+        photometric="MONOCHROME1" if monochrome1 else "MONOCHROME2",
+        bits_stored=12,
+        window=(2048.0, 4096.0),
+    )
     click.echo(f"wrote {out}")

@@ -106,21 +106,21 @@ def _device_sentence(device: str, rng: random.Random) -> str:
             ]
         )
     if device == "central venous catheter":
-        access = rng.choice(["right internal jugular", "left internal jugular", "right subclavian"])
-        tip = rng.choice(["the mid SVC", "the lower SVC", "the cavoatrial junction"])
+        # The access side and tip level are not in StudyLabels, so the drawing cannot follow the
+        # text: state only what the phantom shows everywhere (a central line ending in the SVC).
+        tip = rng.choice(["the SVC", "the mid SVC", "the superior vena cava"])
         return rng.choice(
             [
-                f"{_cap(access)} central venous catheter terminates in {tip}.",
-                f"A {access} central line is present with its tip in {tip}.",
-                f"{_cap(access)} catheter tip projects over {tip}.",
+                f"Central venous catheter terminates in {tip}.",
+                f"A central line is present with its tip in {tip}.",
+                f"Central catheter tip projects over {tip}.",
             ]
         )
-    return rng.choice(
+    return rng.choice(  # phantoms draw a left chest wall, dual-lead device
         [
             "Left-sided pacemaker with leads terminating in the right atrium and right ventricle.",
             "A dual-chamber pacemaker is in place with leads in expected position.",
             "Left chest wall pacemaker device with leads in standard position.",
-            "Right-sided pacemaker with a single lead in the right ventricle.",
         ]
     )
 
