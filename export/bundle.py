@@ -1,0 +1,606 @@
+"""The deployment bundle: a folder with manifest.json and every artifact `cxrlite serve` loads.
+
+The manifest lists every other file with its size and sha256, the model and preprocessing
+configs, the prompt template, the checkpoint it came from, and the variants:
+  vision: {"onnx-fp32" | "onnx-fp16" | "onnx-int8" | "tensorrt-fp16" ...: {file, kind, dtype,
+           parity, ...}}
+  llm:    {"gguf-f16" | "gguf-q4_k_m" | "gptq-4bit" ...: {file (a file or folder), kind, ...}}
+  quality: {variant: measured quality}, default: {"vision": name, "llm": name}
+Files not listed in the manifest are not part of the bundle: they are ignored on load.
+
+Crash safety (one writer at a time):
+- create_bundle builds everything in a `.tmp-<name>-*` folder beside the target, writes the
+  manifest last and renames the folder into place, so an interrupted export leaves either no
+  folder or a `.tmp-*` one, which load_bundle refuses.
+- update_bundle writes new files under a staging folder inside the bundle, moves them in under
+  names the current manifest does not list, and rewrites the manifest atomically last: a crash
+  at any point leaves the previous manifest and every file it lists untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from cxrlite.config import ModelConfig
+from cxrlite.data.preprocess import PreprocessConfig
+from cxrlite.fileio import write_json
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "cxrlite-bundle"
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+VARIANT_SECTIONS = ("vision", "llm")
+MERGED_SECTIONS = (*VARIANT_SECTIONS, "quality", "default")
+STAGING_PREFIX = ".tmp-"
+_TOKENIZER_NAMES = ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+# A builder writes its files under the staging folder it is given and returns manifest parts:
+# {"vision": {name: entry}, "llm": {...}, "quality": {...}, "default": {...}}; None deletes.
+Builder = Callable[[Path], dict[str, Any] | None]
+
+
+class BundleError(ValueError):
+    """A bundle is missing, partial, of another format, tampered with or inconsistent."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _inventory(root: Path) -> dict[str, dict[str, Any]]:
+    """{relative posix path: {size, sha256}} of every file under root but the manifest."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and rel != MANIFEST_FILE and not rel.startswith(STAGING_PREFIX):
+            files[rel] = _file_record(path)
+    return files
+
+
+def _safe_rel(rel: Any, where: Path) -> str:
+    """A manifest path must stay inside the bundle (a hand-edited "../x" must not be read)."""
+    parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel:
+        raise BundleError(f"{where}: manifest names an unsafe path {rel!r}")
+    return rel
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+
+    def file(self, rel: str) -> Path:
+        """The path of a listed file, or of a folder holding listed files (a GPTQ checkpoint)."""
+        if not _listed(self.manifest["files"], rel):
+            raise BundleError(f"{self.path}: {rel!r} is not listed in {MANIFEST_FILE}")
+        return self.path / rel
+
+    @property
+    def vision_variants(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["vision"]
+
+    @property
+    def llm_variants(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["llm"]
+
+    @property
+    def default(self) -> dict[str, str | None]:
+        return self.manifest["default"]
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.manifest["model"])
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.manifest["preprocessing"])
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / self.manifest["tokenizer"]["dir"]
+
+    def variant_file(self, section: str, name: str) -> Path:
+        variants = self.manifest.get(section, {})
+        if name not in variants:
+            raise BundleError(
+                f"{self.path}: no {section} variant {name!r}; have {sorted(variants)}"
+            )
+        return self.file(variants[name]["file"])
+
+
+def _listed(files: dict[str, Any], rel: str) -> bool:
+    return rel in files or any(f.startswith(rel.rstrip("/") + "/") for f in files)
+
+
+# --- manifest checks and loading -----------------------------------------------------------------
+
+
+def validate_manifest(manifest: Any, where: Path) -> None:
+    """Raise BundleError unless `manifest` is a bundle manifest this version can read."""
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{where}: unknown format {found!r}; expected {BUNDLE_FORMAT!r}")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BundleError(f"{where}: invalid format_version {version!r}")
+    if version > BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{where}: bundle format_version {version} is newer than this cxrlite reads "
+            f"({BUNDLE_FORMAT_VERSION}); upgrade cxrlite"
+        )
+    required = ("model", "preprocessing", "tokenizer", "files", *MERGED_SECTIONS)
+    missing = [key for key in required if not isinstance(manifest.get(key), dict)]
+    if missing:
+        raise BundleError(f"{where}: manifest lacks {missing}")
+    try:
+        cfg = ModelConfig.from_dict(manifest["model"])
+        PreprocessConfig.from_dict(manifest["preprocessing"])
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{where}: config does not validate ({e})") from None
+    if cfg.preprocess != manifest["preprocessing"]:
+        raise BundleError(f"{where}: preprocessing differs from the model config's")
+    for rel, record in manifest["files"].items():
+        _safe_rel(rel, where)
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("size"), int)
+            and isinstance(record.get("sha256"), str)
+            and len(record["sha256"]) == 64
+        ):
+            raise BundleError(f"{where}: bad files entry for {rel!r}")
+    for section in VARIANT_SECTIONS:
+        for name, entry in manifest[section].items():
+            rel = entry.get("file") if isinstance(entry, dict) else None
+            if not _listed(manifest["files"], _safe_rel(rel, where)):
+                raise BundleError(f"{where}: {section} variant {name!r} names unlisted {rel!r}")
+    for section, name in manifest["default"].items():
+        if name is not None and name not in manifest.get(section, {}):
+            raise BundleError(f"{where}: default {section} variant {name!r} does not exist")
+
+
+def _verify_files(root: Path, files: dict[str, dict[str, Any]], mode: str) -> None:
+    for rel, record in files.items():
+        path = root / rel
+        if not path.is_file():
+            raise BundleError(f"{root}: {rel} is missing (listed in {MANIFEST_FILE})")
+        size = path.stat().st_size
+        if size != record["size"]:
+            raise BundleError(
+                f"{root}: {rel} is {size} bytes, the manifest says {record['size']}: "
+                "modified or truncated; re-export the bundle"
+            )
+        if mode == "sha256" and sha256_file(path) != record["sha256"]:
+            raise BundleError(
+                f"{root}: {rel} does not match its sha256 in the manifest: modified or "
+                "corrupted; re-export the bundle"
+            )
+
+
+def load_bundle(path: str | os.PathLike, verify: bool | str = True) -> Bundle:
+    """Open a bundle. verify: True/"sha256" (every listed file's size and sha256), "size"
+    (sizes only: fast for multi-GB bundles) or False (manifest only)."""
+    mode = {True: "sha256", False: "none"}.get(verify, verify)  # type: ignore[arg-type]
+    if mode not in ("sha256", "size", "none"):
+        raise ValueError(f"verify must be True, False, 'sha256' or 'size', got {verify!r}")
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"{root}: bundle folder not found")
+    if root.name.startswith(STAGING_PREFIX):
+        raise BundleError(f"{root}: the staging folder of an interrupted export, not a bundle")
+    manifest_path = root / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise BundleError(
+            f"{root}: no {MANIFEST_FILE}; not a bundle, or a partial one (interrupted export)"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{manifest_path}: unreadable ({e})") from None
+    validate_manifest(manifest, root)
+    if mode != "none":
+        _verify_files(root, manifest["files"], mode)
+    return Bundle(root, manifest)
+
+
+# --- building -----------------------------------------------------------------------------------
+
+
+def _copy_tokenizer(ckpt_dir: Path, dest: Path) -> list[str]:
+    names = sorted(
+        p.name
+        for p in ckpt_dir.iterdir()
+        if p.is_file() and (p.name.startswith("tokenizer") or p.name in _TOKENIZER_NAMES)
+    )
+    if not names:
+        raise BundleError(f"{ckpt_dir}: no tokenizer files in the checkpoint")
+    dest.mkdir(parents=True)
+    for name in names:
+        shutil.copyfile(ckpt_dir / name, dest / name)
+    return names
+
+
+def _base_manifest(ckpt_dir: Path, staging: Path) -> dict[str, Any]:
+    """Everything but the variants: configs, tokenizer (copied), prompt, provenance."""
+    import cxrlite
+    from cxrlite.model import CONFIG_FILE, WEIGHTS_FILE, load_config
+    from cxrlite.tokenizer import load_tokenizer
+
+    cfg = load_config(ckpt_dir)
+    names = _copy_tokenizer(ckpt_dir, staging / TOKENIZER_DIR)
+    tokenizer = load_tokenizer(staging / TOKENIZER_DIR)  # proves the copy loads
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cxrlite_version": cxrlite.__version__,
+        "model": cfg.to_dict(),
+        "preprocessing": dict(cfg.preprocess),
+        "prompt": {
+            "template": cfg.prompt_template,
+            "chat_template": tokenizer.chat_template,
+            "image_token": cfg.image_token,
+            "image_token_id": cfg.image_token_id,
+            "n_image_tokens": cfg.n_image_tokens,
+        },
+        "tokenizer": {"dir": TOKENIZER_DIR, "files": names},
+        "source": {
+            "path": str(ckpt_dir.resolve()),
+            "weights_sha256": sha256_file(ckpt_dir / WEIGHTS_FILE),
+            "config": json.loads((ckpt_dir / CONFIG_FILE).read_text(encoding="utf-8")),
+        },
+        "vision": {},
+        "llm": {},
+        "quality": {},
+        "default": {"vision": None, "llm": None},
+    }
+
+
+def _merge_parts(manifest: dict[str, Any], parts: dict[str, Any] | None, where: Path) -> None:
+    if parts is None:
+        return
+    if not isinstance(parts, dict) or not all(isinstance(v, dict) for v in parts.values()):
+        raise BundleError(f"{where}: a builder returned {parts!r}, not {{section: {{name: ...}}}}")
+    unknown = sorted(set(parts) - set(MERGED_SECTIONS))
+    if unknown:
+        raise BundleError(f"{where}: a builder returned unknown manifest sections {unknown}")
+    for section, entries in parts.items():
+        for name, entry in entries.items():
+            if entry is None:
+                manifest[section].pop(name, None)
+                if section in VARIANT_SECTIONS:
+                    manifest["quality"].pop(name, None)
+            else:
+                manifest[section][name] = entry
+
+
+def _settle_defaults(manifest: dict[str, Any]) -> None:
+    """A default that names no variant falls back to the first one left (or None)."""
+    for section in VARIANT_SECTIONS:
+        if manifest["default"].get(section) not in manifest[section]:
+            manifest["default"][section] = next(iter(manifest[section]), None)
+
+
+def _run_builders(
+    builders: Iterable[Builder], staging: Path, manifest: dict[str, Any], where: Path
+) -> None:
+    for builder in builders:
+        _merge_parts(manifest, builder(staging), where)
+
+
+def _as_list(build: Builder | Sequence[Builder] | None) -> list[Builder]:
+    if build is None:
+        return []
+    return [build] if callable(build) else list(build)
+
+
+def create_bundle(
+    ckpt_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    build: Builder | Sequence[Builder] | None = None,
+    *,
+    overwrite: bool = False,
+) -> Bundle:
+    """Build a bundle from a checkpoint: the base manifest, then each builder in turn, in a
+    staging folder that replaces `out_dir` only once complete. `overwrite` replaces an existing
+    bundle (never a folder that is not one)."""
+    ckpt, out = Path(ckpt_dir), Path(out_dir)
+    if out.exists():
+        is_bundle = (out / MANIFEST_FILE).is_file()
+        if not out.is_dir() or (any(out.iterdir()) and not is_bundle):
+            raise BundleError(f"{out}: exists and is not a bundle; refusing to replace it")
+        if is_bundle and not overwrite:
+            raise BundleError(f"{out}: a bundle already exists (overwrite it explicitly)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out.name}-", dir=out.parent))
+    try:
+        manifest = _base_manifest(ckpt, staging)
+        _run_builders(_as_list(build), staging, manifest, out)
+        _settle_defaults(manifest)
+        manifest["files"] = _inventory(staging)
+        validate_manifest(manifest, out)
+        write_json(staging / MANIFEST_FILE, manifest)
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("wrote bundle %s (%d files)", out, len(manifest["files"]))
+    return Bundle(out, manifest)
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        # rename() cannot replace a non-empty folder: move the old one aside first.
+        old = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out.name}-old-", dir=out.parent))
+        os.replace(out, old)
+    try:
+        os.replace(staging, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- updating -------------------------------------------------------------------------------------
+
+
+def _remove_unlisted(root: Path, files: dict[str, Any]) -> None:
+    """Delete what the manifest does not list (leftovers of interrupted updates)."""
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(STAGING_PREFIX) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+    for path in sorted(root.rglob("*"), reverse=True):  # children before their folders
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and rel != MANIFEST_FILE and rel not in files:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def _owns(entry_file: str, rel: str) -> bool:
+    """A variant owns its file, the files under it (a folder) and its sidecars (x.onnx.data)."""
+    return rel == entry_file or rel.startswith((entry_file + "/", entry_file + "."))
+
+
+def _orphans(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
+    """Files owned by a variant of `old` that no variant of `new` owns."""
+    old_owners = [e["file"] for s in VARIANT_SECTIONS for e in old[s].values()]
+    new_owners = [e["file"] for s in VARIANT_SECTIONS for e in new[s].values()]
+    return {
+        rel
+        for rel in old["files"]
+        if any(_owns(p, rel) for p in old_owners) and not any(_owns(p, rel) for p in new_owners)
+    }
+
+
+def _without_files(manifest: dict[str, Any], rels: set[str]) -> dict[str, Any]:
+    """The manifest minus `rels`, the variants owning any of them and those variants' files."""
+    out = json.loads(json.dumps(manifest))
+    for section in VARIANT_SECTIONS:
+        for name, entry in list(out[section].items()):
+            if any(_owns(entry["file"], rel) for rel in rels):
+                del out[section][name]
+                out["quality"].pop(name, None)
+    dropped = rels | _orphans(manifest, out)
+    out["files"] = {rel: rec for rel, rec in out["files"].items() if rel not in dropped}
+    _settle_defaults(out)
+    return out
+
+
+def update_bundle(
+    bundle_dir: str | os.PathLike, add: Builder, *, verify: bool | str = True
+) -> Bundle:
+    """Add (or, with None entries, remove) variants: `add(staging)` writes its files under the
+    staging folder with their bundle-relative paths and returns manifest parts. A new file at a
+    listed path with other content replaces it: the variants using the old file are first
+    dropped from the manifest, so no manifest ever lists a file being rewritten."""
+    bundle = load_bundle(bundle_dir, verify=verify)
+    root, manifest = bundle.path, bundle.manifest
+    _remove_unlisted(root, manifest["files"])
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}update-", dir=root))
+    try:
+        parts = add(staging)
+        new_files = _inventory(staging)
+        updated = json.loads(json.dumps(manifest))
+        _merge_parts(updated, parts, root)
+        updated["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
+        orphans = _orphans(manifest, updated) - set(new_files)
+        kept = {rel: rec for rel, rec in manifest["files"].items() if rel not in orphans}
+        updated["files"] = dict(sorted({**kept, **new_files}.items()))
+        _settle_defaults(updated)
+        validate_manifest(updated, root)  # before anything in the bundle changes
+        replaced = {
+            rel
+            for rel, record in new_files.items()
+            if rel in manifest["files"] and manifest["files"][rel]["sha256"] != record["sha256"]
+        }
+        if replaced:
+            # The old content stops being part of the bundle before it is overwritten.
+            write_json(root / MANIFEST_FILE, _without_files(manifest, replaced))
+        for rel in new_files:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / rel, root / rel)
+        write_json(root / MANIFEST_FILE, updated)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _remove_unlisted(root, updated["files"])
+    logger.info("updated bundle %s", root)
+    return Bundle(root, updated)
+
+
+# --- the export ----------------------------------------------------------------------------------
+
+VISION_DIR = "vision"
+
+
+def _onnx_variant(
+    path: Path, staging: Path, tower: Any, batches: list, providers: Sequence[Any]
+) -> dict[str, Any]:
+    from cxrlite.export.onnx import ParityError, validate_vision_onnx
+
+    report = validate_vision_onnx(path, tower, batches, providers=providers)
+    if report["passed"] is False:
+        raise ParityError(
+            f"{path.name} differs from PyTorch beyond its threshold {report['threshold']}: "
+            f"max abs diff {report['max_abs_diff']:.3g}, relative error "
+            f"{report['max_rel_error']:.3g}"
+        )
+    logger.info(
+        "%s: max abs diff %.3g, relative error %.3g, mean cosine %.6f",
+        path.name, report["max_abs_diff"], report["max_rel_error"], report["mean_cosine"],
+    )  # fmt: skip
+    return {
+        "file": path.relative_to(staging).as_posix(),
+        "kind": "onnx",
+        "dtype": report["precision"],
+        "size": path.stat().st_size,
+        "parity": report,
+    }
+
+
+def _torch_reference(tower: Any) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return tower.encode_image(torch.as_tensor(batch)).float().numpy()
+
+    return run
+
+
+def vision_builder(
+    ckpt_dir: str | os.PathLike,
+    *,
+    fp16: bool = True,
+    int8: bool = False,
+    tensorrt: bool = False,
+    validation_pixels: Any = None,
+    providers: Sequence[Any] = ("CPUExecutionProvider",),
+    max_batch: int = 8,
+    timing_cache: str | os.PathLike | None = None,
+) -> Builder:
+    """A builder exporting the vision tower: onnx-fp32 (+ onnx-fp16, onnx-int8, tensorrt-*),
+    each validated against PyTorch on `validation_pixels` ([N, C, H, W]; default: held-out
+    phantoms); fp32/fp16/TensorRT over threshold raise ParityError, int8 is reported only."""
+    from cxrlite.export import onnx as ox
+
+    def build(staging: Path) -> dict[str, Any]:
+        tower = ox.load_vision_tower(ckpt_dir)
+        pixels = ox.phantom_pixels(tower.cfg) if validation_pixels is None else validation_pixels
+        batches = ox.split_batches(pixels)
+        folder = staging / VISION_DIR
+        fp32 = ox.export_vision_onnx(tower, folder / "vision-fp32.onnx")
+        variants = {"onnx-fp32": _onnx_variant(fp32, staging, tower, batches, providers)}
+        if fp16:
+            path = ox.convert_onnx_fp16(fp32, folder / "vision-fp16.onnx")
+            variants["onnx-fp16"] = _onnx_variant(path, staging, tower, batches, providers)
+        if int8:
+            path = ox.quantize_onnx_int8(fp32, folder / "vision-int8.onnx")
+            variants["onnx-int8"] = _onnx_variant(path, staging, tower, batches, providers)
+        if tensorrt:
+            from cxrlite.export.tensorrt import engine_variant
+
+            source = folder / ("vision-fp16.onnx" if fp16 else "vision-fp32.onnx")
+            entry = engine_variant(
+                source, staging, _torch_reference(tower), batches, fp16,
+                max_batch=max_batch, timing_cache=timing_cache,
+            )  # fmt: skip
+            variants[f"tensorrt-{'fp16' if fp16 else 'fp32'}"] = entry
+        # fp32 runs on every machine; runtimes may prefer another variant for their device.
+        return {"vision": variants, "default": {"vision": "onnx-fp32"}}
+
+    return build
+
+
+def export_bundle(
+    ckpt_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    fp16: bool = True,
+    int8: bool = False,
+    tensorrt: bool = False,
+    validation_pixels: Any = None,
+    max_batch: int = 8,
+    timing_cache: str | os.PathLike | None = None,
+    extra_builders: Sequence[Builder] = (),
+    overwrite: bool = False,
+) -> Bundle:
+    """Export a checkpoint to a bundle: the vision variants (see `vision_builder`), then each of
+    `extra_builders` (the LLM's GGUF, ...), all in one staging folder renamed into place."""
+    if tensorrt:  # fail before minutes of export, not after
+        from cxrlite.export.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    builder = vision_builder(
+        ckpt_dir,
+        fp16=fp16,
+        int8=int8,
+        tensorrt=tensorrt,
+        validation_pixels=validation_pixels,
+        max_batch=max_batch,
+        timing_cache=timing_cache,
+    )
+    return create_bundle(ckpt_dir, out_dir, [builder, *extra_builders], overwrite=overwrite)
+
+
+def add_tensorrt_engine(
+    bundle_dir: str | os.PathLike,
+    *,
+    max_batch: int = 8,
+    timing_cache: str | os.PathLike | None = None,
+    validation_pixels: Any = None,
+) -> Bundle:
+    """Build a TensorRT engine on this (serving) machine from the bundle's fp16 graph (else its
+    fp32 one) and add it as a vision variant, checked against the bundle's validated fp32 graph.
+    Engines only run on the GPU model and TensorRT version that built them, which is why this
+    runs where the bundle is served rather than at export."""
+    from cxrlite.export import onnx as ox
+    from cxrlite.export.tensorrt import engine_variant, require_tensorrt
+
+    require_tensorrt()
+    bundle = load_bundle(bundle_dir)
+    variants = bundle.vision_variants
+    if "onnx-fp32" not in variants:
+        raise BundleError(f"{bundle.path}: no onnx-fp32 vision variant to build from")
+    fp16 = "onnx-fp16" in variants
+    source = bundle.variant_file("vision", "onnx-fp16" if fp16 else "onnx-fp32")
+    fp32 = ox.onnx_session(bundle.variant_file("vision", "onnx-fp32"), ["CPUExecutionProvider"])
+    pixels = ox.phantom_pixels(bundle.config) if validation_pixels is None else validation_pixels
+
+    def reference(batch: np.ndarray) -> np.ndarray:
+        return fp32.run([ox.OUTPUT_NAME], {ox.INPUT_NAME: batch})[0]
+
+    def add(staging: Path) -> dict[str, Any]:
+        entry = engine_variant(
+            source, staging, reference, ox.split_batches(pixels), fp16,
+            max_batch=max_batch, timing_cache=timing_cache,
+        )  # fmt: skip
+        entry["parity"]["reference"] = "onnx-fp32"
+        return {"vision": {f"tensorrt-{'fp16' if fp16 else 'fp32'}": entry}}
+
+    return update_bundle(bundle.path, add, verify=False)  # verified just above

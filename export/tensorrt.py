@@ -1,0 +1,320 @@
+"""TensorRT engine for the vision tower ONNX graph, and a runner for it (CUDA GPUs only).
+
+What TensorRT can do depends on its version and the GPU, and an engine only runs on the GPU
+model and TensorRT version that built it, so the version rules are pure functions (tested
+everywhere) and every engine carries the metadata `engine_matches` checks:
+- TensorRT < 10 lacks the name-based tensor API used here.
+- 10.0-10.4 run on compute capability >= 7.0; 10.5 removed Volta (7.0), so a V100 needs
+  TensorRT <= 10.4 (or onnxruntime's CUDA provider). 11.x also starts at 7.5.
+- 10.x: fp16 through BuilderFlag.FP16 on an fp32 graph ("flag"), or an fp16 graph built
+  strongly typed. 11.x removed the flag: networks are always strongly typed, so fp16 must be in
+  the graph ("graph"; use the fp16 ONNX variant from cxrlite.export.onnx).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrlite.export.onnx import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ParityError,
+    check_parity,
+    onnx_precision,
+    parity_figures,
+)
+from cxrlite.fileio import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = 'pip install "tensorrt>=10"'
+# TensorRT computes fp32 layers in TF32 by default (10-bit mantissa, like fp16), so every engine
+# is held to the fp16 relative-error threshold.
+_PARITY_PRECISION = "float16"
+VOLTA_INSTALL_HINT = 'pip install "tensorrt>=10,<10.5"'
+
+
+class TensorRTError(RuntimeError):
+    """TensorRT is missing, cannot run on this GPU, or failed to build or load an engine."""
+
+
+def parse_version(version: str) -> tuple[int, int, int]:
+    numbers = [int(n) for n in re.findall(r"\d+", version)[:3]]
+    if not numbers:
+        raise ValueError(f"not a TensorRT version: {version!r}")
+    return tuple(numbers + [0] * (3 - len(numbers)))  # type: ignore[return-value]
+
+
+def trt_capabilities(version: str, compute_capability: tuple[int, int]) -> dict[str, Any]:
+    """What TensorRT `version` offers on a GPU of `compute_capability` (pure).
+
+    Returns supported, error (why not, with the fix), fp16_mode ("flag" or "graph"),
+    strongly_typed (forced: 11.x) and min_compute_capability."""
+    major, minor, _ = parse_version(version)
+    cc = tuple(compute_capability)
+    info: dict[str, Any] = {"version": version, "compute_capability": list(cc)}
+    if major < 10:
+        error = (
+            f"TensorRT {version} is too old; cxrlite needs TensorRT 10 or newer ({INSTALL_HINT})"
+        )
+        info.update(fp16_mode=None, strongly_typed=False, min_compute_capability=None)
+        return {**info, "supported": False, "error": error}
+    minimum = (7, 0) if (major, minor) < (10, 5) else (7, 5)
+    fp16_mode = "flag" if major == 10 else "graph"
+    info.update(
+        fp16_mode=fp16_mode, strongly_typed=major >= 11, min_compute_capability=list(minimum)
+    )
+    if cc < minimum:
+        if cc == (7, 0):
+            error = (
+                f"TensorRT {version} does not support Volta GPUs (compute capability 7.0, e.g. "
+                f"V100): 10.5 removed them. Install TensorRT 10.4 or older ({VOLTA_INSTALL_HINT}) "
+                "or use the ONNX variant with onnxruntime's CUDA provider."
+            )
+        else:
+            error = (
+                f"TensorRT {version} needs compute capability {minimum[0]}.{minimum[1]} or "
+                f"newer; this GPU is {cc[0]}.{cc[1]}. Use the ONNX variant with onnxruntime."
+            )
+        return {**info, "supported": False, "error": error}
+    return {**info, "supported": True, "error": None}
+
+
+def optimization_profile(
+    max_batch: int,
+    channels: int,
+    image_size: int,
+    opt_batch: int | None = None,
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(min, opt, max) input shapes: batches 1..max_batch, tuned for `opt_batch` (default
+    max_batch // 2, or 1: a served request is usually one image, a burst half the maximum)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    opt = max(1, max_batch // 2) if opt_batch is None else opt_batch
+    if not 1 <= opt <= max_batch:
+        raise ValueError(f"opt_batch must be in 1..{max_batch}, got {opt}")
+    shape = (channels, image_size, image_size)
+    return (1, *shape), (opt, *shape), (max_batch, *shape)
+
+
+def engine_matches(meta: dict[str, Any], current_gpu: dict[str, Any]) -> tuple[bool, str]:
+    """Whether an engine built as `meta` describes can run where `current_gpu` (from
+    `current_gpu()`) describes; the reason names what differs."""
+    built, here = meta.get("tensorrt_version"), current_gpu.get("tensorrt_version")
+    if built != here:
+        return False, f"engine built with TensorRT {built}, this machine has {here}; rebuild it"
+    built_cc = list(meta.get("compute_capability") or [])
+    here_cc = list(current_gpu.get("compute_capability") or [])
+    if built_cc != here_cc:
+        return False, (
+            f"engine built for compute capability {built_cc} ({meta.get('gpu_name')}), this GPU "
+            f"is {here_cc} ({current_gpu.get('gpu_name')}); rebuild it"
+        )
+    if meta.get("gpu_name") != current_gpu.get("gpu_name"):
+        # Same architecture: TensorRT loads it, though its tactics were timed on another model.
+        return True, f"built on {meta.get('gpu_name')}, runs on {current_gpu.get('gpu_name')}"
+    return True, "same GPU and TensorRT version"
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise TensorRTError(f"TensorRT is not installed ({INSTALL_HINT})") from None
+    return trt
+
+
+def current_gpu(device: int = 0) -> dict[str, Any]:
+    """GPU name, compute capability, CUDA and TensorRT versions of this machine."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TensorRTError("TensorRT needs a CUDA GPU; none is visible to PyTorch")
+    trt = import_tensorrt()
+    return {
+        "gpu_name": torch.cuda.get_device_name(device),
+        "compute_capability": list(torch.cuda.get_device_capability(device)),
+        "cuda_version": torch.version.cuda,
+        "tensorrt_version": trt.__version__,
+    }
+
+
+def require_tensorrt(device: int = 0) -> dict[str, Any]:
+    """This machine's GPU description, or TensorRTError when TensorRT cannot run here."""
+    gpu = current_gpu(device)
+    caps = trt_capabilities(gpu["tensorrt_version"], tuple(gpu["compute_capability"]))
+    if not caps["supported"]:
+        raise TensorRTError(caps["error"])
+    return gpu
+
+
+def _parse_onnx(
+    trt: Any, builder: Any, trt_logger: Any, onnx_path: Path, strongly_typed: bool
+) -> tuple[Any, Any]:
+    flags = 0
+    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, trt_logger)
+    # parse_from_file resolves external weight files beside the graph.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise TensorRTError(f"{onnx_path}: TensorRT cannot parse this graph ({errors})")
+    return network, parser
+
+
+def build_engine(
+    onnx_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    max_batch: int = 8,
+    opt_batch: int | None = None,
+    fp16: bool = True,
+    timing_cache: str | os.PathLike | None = None,
+    workspace_gb: float = 4.0,
+    device: int = 0,
+) -> dict[str, Any]:
+    """Build a TensorRT engine from a vision graph; returns the engine's metadata (GPU, compute
+    capability, TensorRT/CUDA versions, profile, precision). `timing_cache` is a file read
+    before and written after the build, so later builds on this GPU skip tactic timing."""
+    trt = import_tensorrt()
+    gpu = current_gpu(device)
+    caps = trt_capabilities(gpu["tensorrt_version"], tuple(gpu["compute_capability"]))
+    if not caps["supported"]:
+        raise TensorRTError(caps["error"])
+    onnx_path = Path(onnx_path)
+    precision = onnx_precision(onnx_path)
+    if precision == "int8":
+        raise TensorRTError(f"{onnx_path}: build TensorRT engines from the fp32 or fp16 graph")
+    if fp16 and caps["fp16_mode"] == "graph" and precision != "float16":
+        raise TensorRTError(
+            f"TensorRT {gpu['tensorrt_version']} has no fp16 builder flag: build from the fp16 "
+            f"ONNX graph (cxrlite.export.onnx.convert_onnx_fp16), not {onnx_path.name}"
+        )
+    import torch
+
+    torch.cuda.set_device(device)
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    # An fp16 graph already says which ops are fp16: build it strongly typed (11 always does;
+    # its STRONGLY_TYPED flag is deprecated, so it is only passed to 10.x).
+    strongly_typed = precision == "float16" and not caps["strongly_typed"]
+    network, _parser = _parse_onnx(trt, builder, trt_logger, onnx_path, strongly_typed)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    # Every GPU TensorRT 10 supports (>= 7.0) has fast fp16; the query is deprecated from 10.5.
+    fast_fp16 = getattr(builder, "platform_has_fast_fp16", True)
+    use_flag = fp16 and fast_fp16 and caps["fp16_mode"] == "flag" and precision == "float32"
+    if use_flag:
+        config.set_flag(trt.BuilderFlag.FP16)
+    channels, size = (int(d) for d in network.get_input(0).shape[1:3])
+    shapes = optimization_profile(max_batch, channels, size, opt_batch)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(INPUT_NAME, *shapes)
+    config.add_optimization_profile(profile)
+    cache_path = Path(timing_cache) if timing_cache else None
+    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    logger.info("building a TensorRT engine from %s (batch 1..%d)", onnx_path.name, max_batch)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise TensorRTError(f"TensorRT failed to build an engine from {onnx_path} (see its log)")
+    atomic_write_bytes(out_path, bytes(serialized))
+    if cache_path:
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+    return {
+        **gpu,
+        "built": datetime.now(UTC).isoformat(timespec="seconds"),
+        "onnx": onnx_path.name,
+        "onnx_precision": precision,
+        "fp16": bool(fp16 or precision == "float16"),
+        "fp16_mode": "flag" if use_flag else ("graph" if precision == "float16" else None),
+        "profile": {"min": list(shapes[0]), "opt": list(shapes[1]), "max": list(shapes[2])},
+        "max_batch": max_batch,
+    }
+
+
+class TensorRTVisionRunner:
+    """Runs a vision engine: float32 pixels [B, C, H, W] -> float32 embeddings, B <= max_batch.
+    Buffers are torch CUDA tensors (no pycuda); the stream is PyTorch's current stream."""
+
+    def __init__(
+        self, engine_path: str | os.PathLike, meta: dict[str, Any] | None = None, device: int = 0
+    ) -> None:
+        import torch
+
+        trt = import_tensorrt()
+        here = current_gpu(device)
+        if meta is not None:
+            ok, reason = engine_matches(meta, here)
+            if not ok:
+                raise TensorRTError(f"{engine_path}: {reason}")
+        self.device = torch.device("cuda", device)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise TensorRTError(f"{engine_path}: TensorRT cannot load this engine (see its log)")
+        self.context = self.engine.create_execution_context()
+        self.max_batch = int(self.engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])
+
+    def __call__(self, pixels: Any) -> np.ndarray:
+        import torch
+
+        x = torch.as_tensor(np.asarray(pixels, dtype=np.float32)).to(self.device).contiguous()
+        if not 1 <= x.shape[0] <= self.max_batch:
+            raise ValueError(f"batch of {x.shape[0]} images; this engine takes 1..{self.max_batch}")
+        self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
+        out = torch.empty(
+            tuple(self.context.get_tensor_shape(OUTPUT_NAME)),
+            dtype=torch.float32,
+            device=self.device,
+        )
+        self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
+        self.context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise TensorRTError("TensorRT failed to run the engine")
+        stream.synchronize()
+        return out.cpu().numpy()
+
+
+def engine_variant(
+    onnx_path: Path,
+    staging: Path,
+    reference: Callable[[np.ndarray], np.ndarray],
+    batches: list,
+    fp16: bool,
+    **build: Any,
+) -> dict[str, Any]:
+    """A bundle's vision variant entry: build an engine into staging/vision and check it against
+    `reference` (PyTorch at export; the validated fp32 ONNX graph when the engine is added on the
+    serving machine). Raises ParityError beyond a relative error of 1e-2."""
+    engine = staging / "vision" / f"vision-{'fp16' if fp16 else 'fp32'}.engine"
+    meta = build_engine(onnx_path, engine, fp16=fp16, **build)
+    runner = TensorRTVisionRunner(engine, meta)
+    usable = [b for b in batches if len(b) <= runner.max_batch]
+    got = np.concatenate([runner(b) for b in usable])
+    want = np.concatenate([reference(b) for b in usable])
+    report = check_parity(parity_figures(got, want), _PARITY_PRECISION)
+    report.update(batch_sizes=[len(b) for b in usable], n_images=int(len(got)))
+    if not report["passed"]:
+        raise ParityError(f"{engine.name}: relative error {report['max_rel_error']:.3g} > 1e-2")
+    return {
+        "file": engine.relative_to(staging).as_posix(),
+        "kind": "tensorrt",
+        "dtype": "float16" if meta["fp16"] else "float32",
+        "size": engine.stat().st_size,
+        "engine": meta,
+        "parity": report,
+    }
