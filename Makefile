@@ -11,6 +11,7 @@ DEMO_DIR ?= demo
 install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
+	PYTHON=$(PYTHON) bash scripts/install_gptq.sh
 
 demo: install
 	bash scripts/demo.sh $(DEMO_DIR)

@@ -138,7 +138,7 @@ class LLMConfig:
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
-    intermediate_size: int = 172
+    intermediate_size: int = 192
     max_position_embeddings: int = 256
     rope_theta: float = 10000.0
     # transformers' rope_parameters beyond the default rotary (rope_type, factor...), or None
@@ -257,7 +257,7 @@ _register(
     BridgerConfig(kind="mlp", num_queries=4, num_layers=1, num_heads=2, hidden_size=32,
                   intermediate_size=64),
     LLMConfig(vocab_size=384, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-              intermediate_size=172, max_position_embeddings=256),
+              intermediate_size=192, max_position_embeddings=256),
 )
 # CPU demo: learns the phantom findings in minutes on two cores.
 _register(
@@ -267,7 +267,7 @@ _register(
     BridgerConfig(kind="mlp", num_queries=16, num_layers=2, num_heads=4, hidden_size=128,
                   intermediate_size=512),
     LLMConfig(vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
-              intermediate_size=688, max_position_embeddings=512),
+              intermediate_size=768, max_position_embeddings=512),
 )
 # Real-size shapes: CLIP ViT-B/16 + a Llama-3.2-1B-shaped decoder (LLaVA-Rad scale).
 _register(

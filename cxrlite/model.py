@@ -12,9 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,7 @@ from torch import nn
 
 from cxrlite.bridger import build_bridger
 from cxrlite.config import ModelConfig
-from cxrlite.fileio import write_json
+from cxrlite.fileio import atomic_dir, write_json
 from cxrlite.language import build_llm, hf_llama_config
 from cxrlite.vision import build_vision, hf_vision_config, select_features
 
@@ -141,37 +138,6 @@ def _is_ours(path: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp folder beside `out_dir`; on success it replaces `out_dir`. A folder that is
-    not empty and not one of our checkpoints is never overwritten."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_ours(out))):
-        raise CheckpointError(
-            f"{out}: exists and is not a cxrlite checkpoint; refusing to overwrite it"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            # POSIX rename may replace an empty folder, so move the old one onto a fresh one.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if old is not None:
-                os.replace(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _tied(llm: nn.Module) -> bool:
     out, emb = llm.get_output_embeddings(), llm.get_input_embeddings()
     return out is not None and out.weight.data_ptr() == emb.weight.data_ptr()
@@ -190,7 +156,7 @@ def save(model: CXRVLM, tokenizer: Any, cfg: ModelConfig, out_dir: str | os.Path
 
     from cxrlite.tokenizer import save_tokenizer
 
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, _is_ours) as tmp:
         write_json(
             tmp / CONFIG_FILE,
             {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, **cfg.to_dict()},
@@ -319,7 +285,7 @@ def export_llava(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
     llava_config.architectures = ["LlavaForConditionalGeneration"]
     state = load_weights(ckpt_dir)
     tokenizer = load_tokenizer(ckpt_dir)
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, _is_ours) as tmp:
         llava_config.save_pretrained(tmp)
         renamed = {_llava_name(name): tensor for name, tensor in state.items()}
         save_file(renamed, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})

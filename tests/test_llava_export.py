@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from cxrlite.config import get_preset
-from cxrlite.model import CXRVLM, CheckpointError, export_llava, save
+from cxrlite.model import CXRVLM, export_llava, save
 from cxrlite.tokenizer import bind_tokenizer, encode_example, train_tokenizer
 
 WORDS = "heart size normal enlarged pleural effusion left right lung clear Effusion? Left. Heart Normal.".split()
@@ -102,5 +102,5 @@ def test_export_refuses_foreign_folder(tokenizer, tmp_path):
     _, _, ckpt = checkpoint(tokenizer, tmp_path)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "data.bin").write_bytes(b"1")
-    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+    with pytest.raises(FileExistsError, match="refusing to replace"):
         export_llava(ckpt, tmp_path / "mine")

@@ -138,7 +138,7 @@ def test_count_parameters_equals_built_model(tokenizer, overrides):
 def test_count_parameters_equals_built_small():
     cfg = get_preset("small").replace(image_token_id=4)
     model = CXRVLM(cfg)
-    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)["total"] == 4_097_664
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)["total"] == 4_343_424
 
 
 @pytest.mark.parametrize("kind", ["mlp", "qformer"])
@@ -231,7 +231,7 @@ def test_checkpoint_errors(tokenizer, tmp_path):
         load(tmp_path / "nothing")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+    with pytest.raises(FileExistsError, match="refusing to replace"):
         save(model, tokenizer, cfg, tmp_path / "other")
     assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
     with pytest.raises(CheckpointError, match="no config.json"):
