@@ -11,23 +11,15 @@ import click
 from cxrlite import __version__
 
 # name -> (module, attribute, one-line help). A command exists here only once it is real.
+# fmt: off
 _COMMANDS = {
-    "data": (
-        "cxrlite.commands.data",
-        "data",
-        "Phantoms, DICOM/PNG inspection, report labels, instruction tasks.",
-    ),
-    "doctor": (
-        "cxrlite.commands.doctor",
-        "doctor",
-        "What this machine can run, and what is missing for which feature.",
-    ),
-    "train": (
-        "cxrlite.commands.train",
-        "train",
-        "Train the model: CheXagent's four stages or LLaVA-Rad's two.",
-    ),
+    "data": ("cxrlite.commands.data", "data", "Phantoms, DICOM/PNG inspection, report labels, instruction tasks."),
+    "doctor": ("cxrlite.commands.doctor", "doctor", "What this machine can run, and what is missing for which feature."),
+    "train": ("cxrlite.commands.train", "train", "Train the model: CheXagent's four stages or LLaVA-Rad's two."),
+    "export": ("cxrlite.commands.export", "export", "Checkpoint -> bundle: ONNX vision tower (+TensorRT), GGUF LLM."),
+    "quantize": ("cxrlite.commands.quantize", "quantize", "Add quantized LLM variants (GGUF q8_0/q4_k_m..., GPTQ) to a bundle."),
 }
+# fmt: on
 
 
 class LazyGroup(click.Group):
@@ -65,6 +57,8 @@ def main(ctx: click.Context, verbose: int) -> None:
     Data flow:
       cxrlite data phantoms   make labeled synthetic radiographs (tests, demo)
       cxrlite train           train the model (four-stage recipe) on a dataset folder
+      cxrlite export          checkpoint -> deployment bundle (ONNX + GGUF), parity-checked
+      cxrlite quantize        add llama.cpp / GPTQ variants to the bundle, quality-gated
       cxrlite doctor          check what this machine can run
     """
     setup_logging(verbose)

@@ -45,8 +45,10 @@ class LlamaCppError(RuntimeError):
 
 def _route_native_logs(llama_cpp: Any) -> None:
     global _log_callback
-    # ggml_log_level: 1 debug, 2 info (load chatter: DEBUG here), 3 warn, 4 error, 5 continuation
-    levels = {3: logging.WARNING, 4: logging.ERROR}
+    # ggml_log_level: 1 debug, 2 info (load chatter: DEBUG here), 3 warn, 4 error, 5 continuation.
+    # llama.cpp warns per tensor about expected things (k-quant fallbacks on narrow rows, which
+    # quantize_gguf summarises itself): INFO here, so a quiet CLI stays quiet; errors stay errors.
+    levels = {3: logging.INFO, 4: logging.ERROR}
     previous = [logging.DEBUG]
 
     @llama_cpp.llama_log_callback

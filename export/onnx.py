@@ -31,6 +31,24 @@ from cxrlite.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter warns about torchvision ops it skips (we install no torchvision) and
+    about its own deprecations; none concerns our graph, and they would bury the CLI output."""
+    import warnings
+
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        onnx_logger.setLevel(level)
+
+
 INPUT_NAME, OUTPUT_NAME = "pixels", "image_embeds"
 DEFAULT_OPSET = 18  # LayerNormalization is a single op from 17; TensorRT maps it to INormalization
 FP32_MAX_ABS_DIFF = 1e-4
@@ -177,7 +195,7 @@ def _export_proto(source: Any, opset: int) -> tuple[Any, ModelConfig]:
     example = torch.zeros(2, cfg.vision.num_channels, cfg.vision.image_size, cfg.vision.image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
                 tower,
                 (example,),

@@ -20,26 +20,62 @@ def gguf_builder(ckpt_dir: Path, dtype: str, check_parity: bool = True):
         path = write_gguf(ckpt_dir, staging / rel, dtype=dtype)
         parity = gguf_parity(ckpt_dir, path) if check_parity else None
         name = f"gguf-{dtype}"
-        return {"llm": {name: {"file": rel, "kind": "gguf", "dtype": dtype, "parity": parity}},
-                "default": {"llm": name}}
+        return {
+            "llm": {name: {"file": rel, "kind": "gguf", "dtype": dtype, "parity": parity}},
+            "default": {"llm": name},
+        }
 
     return build
 
 
 @click.command()
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle folder.")
-@click.option("--gguf", "gguf_dtype", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
-              help="Precision of the GGUF LLM (quantize it further with `cxrlite quantize`).")
-@click.option("--fp16/--no-fp16", default=True, show_default=True, help="Also write an fp16 ONNX vision tower.")
-@click.option("--int8", is_flag=True, help="Also write an int8 (dynamic quantization) ONNX vision tower for CPUs.")
-@click.option("--tensorrt", is_flag=True, help="Also build a TensorRT engine (needs TensorRT and an NVIDIA GPU).")
-@click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True,
-              help="Largest image batch of the TensorRT optimization profile.")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle folder."
+)
+@click.option(
+    "--gguf",
+    "gguf_dtype",
+    type=click.Choice(["f16", "f32"]),
+    default="f16",
+    show_default=True,
+    help="Precision of the GGUF LLM (quantize it further with `cxrlite quantize`).",
+)
+@click.option(
+    "--fp16/--no-fp16",
+    default=True,
+    show_default=True,
+    help="Also write an fp16 ONNX vision tower.",
+)
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Also write an int8 (dynamic quantization) ONNX vision tower for CPUs.",
+)
+@click.option(
+    "--tensorrt",
+    is_flag=True,
+    help="Also build a TensorRT engine (needs TensorRT and an NVIDIA GPU).",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1, 256),
+    default=8,
+    show_default=True,
+    help="Largest image batch of the TensorRT optimization profile.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at OUT.")
 @user_errors
-def export(checkpoint: Path, out: Path, gguf_dtype: str, fp16: bool, int8: bool, tensorrt: bool, max_batch: int,
-           overwrite: bool) -> None:
+def export(
+    checkpoint: Path,
+    out: Path,
+    gguf_dtype: str,
+    fp16: bool,
+    int8: bool,
+    tensorrt: bool,
+    max_batch: int,
+    overwrite: bool,
+) -> None:
     """Export CHECKPOINT (a `cxrlite train` stage folder's checkpoint/) into a bundle that
     `cxrlite serve` and `cxrlite report` load: the vision tower (encoder + bridger) as one ONNX
     graph checked against PyTorch on held-out phantoms, and the LLM as GGUF checked against
@@ -47,20 +83,38 @@ def export(checkpoint: Path, out: Path, gguf_dtype: str, fp16: bool, int8: bool,
     place only when complete and verified."""
     from cxrlite.export.bundle import export_bundle
 
-    bundle = export_bundle(checkpoint, out, fp16=fp16, int8=int8, tensorrt=tensorrt, max_batch=max_batch,
-                           extra_builders=[gguf_builder(checkpoint, gguf_dtype)], overwrite=overwrite)
+    bundle = export_bundle(
+        checkpoint,
+        out,
+        fp16=fp16,
+        int8=int8,
+        tensorrt=tensorrt,
+        max_batch=max_batch,
+        extra_builders=[gguf_builder(checkpoint, gguf_dtype)],
+        overwrite=overwrite,
+    )
     click.echo(f"bundle {out}")
     for section in ("vision", "llm"):
         for name, entry in bundle.manifest[section].items():
             size = bundle.manifest["files"].get(entry["file"], {}).get("size")
-            click.echo(f"  {section:6s} {name:14s} {entry['file']}" + (f"  {size / 2**20:.2f} MiB" if size else "")
-                       + f"  parity {_parity_text(entry.get('parity'))}")
-    click.echo(f"  default: vision {bundle.manifest['default']['vision']}, llm {bundle.manifest['default']['llm']}")
+            click.echo(
+                f"  {section:6s} {name:14s} {entry['file']}"
+                + (f"  {size / 2**20:.2f} MiB" if size else "")
+                + f"  parity {_parity_text(entry.get('parity'))}"
+            )
+    click.echo(
+        f"  default: vision {bundle.manifest['default']['vision']}, llm {bundle.manifest['default']['llm']}"
+    )
 
 
 def _parity_text(parity: dict | None) -> str:
     if not parity:
         return "-"
-    keys = ("max_abs_diff", "relative_error", "mean_cosine", "passed")
-    return ", ".join(f"{k}={parity[k]:.3g}" if isinstance(parity[k], float) else f"{k}={parity[k]}"
-                     for k in keys if k in parity)
+    shown = {
+        k: v
+        for k, v in parity.items()
+        if k.startswith(("max_abs_diff", "relative_error", "mean_cosine", "passed"))
+    }
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()
+    )

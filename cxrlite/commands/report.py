@@ -1,0 +1,147 @@
+"""`cxrlite report`: draft reports for radiographs (DICOM, PNG, JPEG) from a bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cxrlite.commands import user_errors
+from cxrlite.progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+# Files in a folder are taken when their content is DICOM/PNG/JPEG, or when their name says
+# they should be (so a corrupt "x.png" is reported as bad rather than silently passed over).
+IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg"}
+_SNIFF_BYTES = 132  # DICOM's preamble + "DICM"
+
+
+def _looks_like_image(path: Path) -> bool:
+    from cxrlite.data.decode import sniff_format
+
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return sniff_format(f.read(_SNIFF_BYTES)) is not None
+    except OSError:
+        return True  # unreadable: let the report say so
+
+
+def expand_inputs(paths: tuple[Path, ...]) -> tuple[list[Path], int]:
+    """Files as given, folders expanded (recursively, sorted, hidden files left out) to their
+    images; returns (files, number of non-image files passed over)."""
+    files, skipped = [], 0
+    for path in paths:
+        if not path.is_dir():
+            files.append(path)
+            continue
+        for child in sorted(path.rglob("*")):
+            rel = child.relative_to(path).parts
+            if not child.is_file() or any(part.startswith(".") for part in rel):
+                continue
+            if _looks_like_image(child):
+                files.append(child)
+            else:
+                skipped += 1
+    return files, skipped
+
+
+def _text_report(file: Path, result: dict[str, Any]) -> str:
+    groups: dict[str, list[str]] = {}
+    for name, value in result["labels"].items():
+        if value in ("positive", "uncertain"):
+            groups.setdefault(value, []).append(name)
+    labels = "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items()) or "none positive"
+    return (
+        f"{file}\n  FINDINGS: {result['findings']}\n  IMPRESSION: {result['impression']}\n"
+        f"  labels: {labels}\n  ({result['timings']['total_ms']:.0f} ms)"
+    )
+
+
+@click.command()
+@click.argument(
+    "images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path)
+)
+@click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              required=True, help="Bundle folder from `cxrlite export`.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results as JSONL (written atomically at the end).")
+@click.option("--vision-backend", type=click.Choice(["auto", "onnx", "tensorrt", "torch"]),
+              default="auto", show_default=True)
+@click.option("--vision-variant", help="A vision variant of the bundle, e.g. onnx-fp16, onnx-int8.")
+@click.option("--llm-backend", type=click.Choice(["auto", "llama.cpp", "gguf", "gptq", "torch"]),
+              default="auto", show_default=True)
+@click.option("--llm-variant", help="An LLM variant of the bundle, e.g. gguf-q4_k_m, gptq-4bit.")
+@click.option("--n-gpu-layers", type=int, default=None,
+              help="LLM layers on the GPU (llama.cpp); default all when a GPU is usable.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads.")
+@click.option("--max-tokens", type=click.IntRange(1, 4096), default=128, show_default=True,
+              help="Longest findings / impression, in tokens.")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Source checkpoint for the torch backends (default: the bundle's record).")
+@click.pass_context
+@user_errors
+def report(ctx: click.Context, images: tuple[Path, ...], bundle_dir: Path, as_json: bool,
+           out: Path | None, vision_backend: str, vision_variant: str | None, llm_backend: str,
+           llm_variant: str | None, n_gpu_layers: int | None, threads: int | None,
+           max_tokens: int, checkpoint: Path | None) -> None:  # fmt: skip
+    """Write a draft report (findings, impression, CheXpert labels) for each IMAGE: DICOM, PNG
+    or JPEG files, or folders of them. Unreadable images are reported on stderr and skipped;
+    the exit code is 1 if any failed."""
+    from cxrlite.fileio import write_jsonl
+    from cxrlite.runtime import Runtime
+
+    files, skipped = expand_inputs(images)
+    if skipped:
+        click.echo(f"passed over {skipped} non-image file(s)", err=True)
+    if not files:
+        raise click.ClickException("no images found")
+    runtime = Runtime.from_bundle(
+        bundle_dir,
+        vision_backend=vision_backend,
+        vision_variant=vision_variant,
+        llm_backend=llm_backend,
+        llm_variant=llm_variant,
+        n_gpu_layers=n_gpu_layers,
+        threads=threads,
+        checkpoint=checkpoint,
+        warmup=len(files) > 1,  # one image: a warm-up would only add to its wait
+    )
+    failed: list[Path] = []
+    started = time.perf_counter()
+
+    def results() -> Iterator[dict[str, Any]]:
+        from cxrlite.data.errors import ImageError
+
+        with progress_bar("report", total=len(files), enabled=None if len(files) > 1 else False) as advance:
+            for file in files:
+                try:
+                    result = {"file": str(file), **runtime.report(file, max_tokens=max_tokens)}
+                except ImageError as e:
+                    failed.append(file)
+                    click.echo(f"error: {file}: [{e.code}] {e.problem}", err=True)
+                    advance(failed=len(failed))
+                    continue
+                click.echo(json.dumps(result, ensure_ascii=False) if as_json else _text_report(file, result))
+                advance(failed=len(failed))
+                yield result
+
+    if out is not None:
+        write_jsonl(out, results())
+    else:
+        for _ in results():
+            pass
+    elapsed = time.perf_counter() - started
+    logger.info("reported %d image(s), %d failed, in %.1f s", len(files) - len(failed), len(failed), elapsed)
+    runtime.close()
+    if failed:
+        click.echo(f"{len(failed)} of {len(files)} image(s) failed", err=True)
+        ctx.exit(1)

@@ -1,0 +1,74 @@
+"""`cxrlite export` and `cxrlite quantize` end to end on a tiny checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from export_testkit import make_checkpoint
+
+from cxrlite.cli import main
+from cxrlite.export.bundle import load_bundle
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("export-cli")
+    _, ckpt = make_checkpoint(root)
+    out = root / "bundle"
+    code, stdout, stderr = run("export", str(ckpt), "--out", str(out), "--no-fp16", "--gguf", "f32")
+    assert code == 0, stdout + stderr
+    assert "onnx-fp32" in stdout and "gguf-f32" in stdout and "passed=True" in stdout
+    return ckpt, out
+
+
+def test_export_writes_a_verified_bundle(bundle) -> None:
+    _, out = bundle
+    b = load_bundle(out)
+    assert set(b.vision_variants) == {"onnx-fp32"}
+    assert b.llm_variants["gguf-f32"]["parity"]["max_abs_diff_tokens"] <= 1e-3
+    assert b.manifest["default"] == {"vision": "onnx-fp32", "llm": "gguf-f32"}
+
+
+def test_quantize_adds_gguf_and_gptq_variants(bundle, monkeypatch) -> None:
+    monkeypatch.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")  # its C++ packer compiles for ~45 s
+    pytest.importorskip("gptqmodel")
+    _, out = bundle
+    code, stdout, stderr = run(
+        "quantize", str(out), "--gguf", "q8_0", "--gptq", "--group-size", "32"
+    )
+    assert code == 0, stdout + stderr
+    b = load_bundle(out)  # every file hashed again: the updates kept the bundle consistent
+    assert {"gguf-f32", "gguf-q8_0", "gptq-4bit"} <= set(b.llm_variants)
+    assert b.llm_variants["gguf-q8_0"]["tensor_types"]
+    assert b.llm_variants["gptq-4bit"]["format_check"]["format"] == "gptq"  # not gptq_v2
+    assert b.file("llm/llm-q8_0.gguf").stat().st_size < b.file("llm/llm-f32.gguf").stat().st_size
+
+
+def test_quantize_rejects_unknown_type_and_keeps_bundle(bundle) -> None:
+    _, out = bundle
+    before = load_bundle(out).manifest["files"]
+    code, _, stderr = run("quantize", str(out), "--gguf", "q9_z")
+    assert code == 1 and "unknown GGUF quantization type" in stderr and "Traceback" not in stderr
+    assert load_bundle(out).manifest["files"] == before
+
+
+def test_export_refuses_to_replace_user_data(bundle, tmp_path: Path) -> None:
+    ckpt, _ = bundle
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "x.txt").write_text("keep me")
+    code, _, stderr = run("export", str(ckpt), "--out", str(precious), "--no-fp16")
+    assert code == 1 and "not a bundle" in stderr
+    assert (precious / "x.txt").read_text() == "keep me"
+
+
+def test_quantize_on_a_folder_that_is_not_a_bundle(tmp_path: Path) -> None:
+    code, _, stderr = run("quantize", str(tmp_path))
+    assert code == 1 and "manifest" in stderr
