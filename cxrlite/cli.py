@@ -18,6 +18,7 @@ _COMMANDS = {
     "train": ("cxrlite.commands.train", "train", "Train the model: CheXagent's four stages or LLaVA-Rad's two."),
     "export": ("cxrlite.commands.export", "export", "Checkpoint -> bundle: ONNX vision tower (+TensorRT), GGUF LLM."),
     "quantize": ("cxrlite.commands.quantize", "quantize", "Add quantized LLM variants (GGUF q8_0/q4_k_m..., GPTQ) to a bundle."),
+    "report": ("cxrlite.commands.report", "report", "Draft reports (findings, impression, labels) for DICOM/PNG/JPEG files or folders."),
 }
 # fmt: on
 
@@ -59,6 +60,7 @@ def main(ctx: click.Context, verbose: int) -> None:
       cxrlite train           train the model (four-stage recipe) on a dataset folder
       cxrlite export          checkpoint -> deployment bundle (ONNX + GGUF), parity-checked
       cxrlite quantize        add llama.cpp / GPTQ variants to the bundle, quality-gated
+      cxrlite report          draft reports for DICOM/PNG/JPEG files with a bundle
       cxrlite doctor          check what this machine can run
     """
     setup_logging(verbose)

@@ -40,15 +40,22 @@ def test_quantize_adds_gguf_and_gptq_variants(bundle, monkeypatch) -> None:
     monkeypatch.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")  # its C++ packer compiles for ~45 s
     pytest.importorskip("gptqmodel")
     _, out = bundle
-    code, stdout, stderr = run(
-        "quantize", str(out), "--gguf", "q8_0", "--gptq", "--group-size", "32"
-    )
+    args = ["--gguf", "q8_0", "--gptq", "--group-size", "32", "--eval-studies", "3", "--threads", "1"]
+    code, stdout, stderr = run("quantize", str(out), *args)
     assert code == 0, stdout + stderr
     b = load_bundle(out)  # every file hashed again: the updates kept the bundle consistent
     assert {"gguf-f32", "gguf-q8_0", "gptq-4bit"} <= set(b.llm_variants)
     assert b.llm_variants["gguf-q8_0"]["tensor_types"]
     assert b.llm_variants["gptq-4bit"]["format_check"]["format"] == "gptq"  # not gptq_v2
     assert b.file("llm/llm-q8_0.gguf").stat().st_size < b.file("llm/llm-f32.gguf").stat().st_size
+    # quality gate: the fp32 reference and every new variant scored on the same held-out phantoms
+    quality = b.manifest["quality"]
+    assert quality["reference"]["n_studies"] == 3
+    for name in ("gguf-q8_0", "gptq-4bit"):
+        assert quality[name]["evaluated"] and "findings_f1" in quality[name]["deltas"]
+        assert quality[name]["variants"]["llm"] == name
+    deployable_gguf = [n for n in ("gguf-q8_0",) if quality[n]["deployable"]]
+    assert b.manifest["default"]["llm"] == (deployable_gguf[0] if deployable_gguf else "gguf-f32")
 
 
 def test_quantize_rejects_unknown_type_and_keeps_bundle(bundle) -> None:

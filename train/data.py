@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from cxrlite.data.decode import load_image
+from cxrlite.data.labeler import label_report
+from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, POSITIVE, UNCERTAIN
 from cxrlite.data.preprocess import PreprocessConfig, preprocess
 from cxrlite.data.records import Study, TaskRecord
 from cxrlite.progress import progress_bar
@@ -68,7 +70,10 @@ class TextDataset(torch.utils.data.Dataset):
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
-    """Stage 1: (image, report tokens) pairs for contrastive + captioning training."""
+    """Stage 1: (image, report tokens, report labels) for contrastive + captioning + label training.
+
+    The labels are read from the report text by the report labeler (positive = 1, negative or not
+    mentioned = 0, uncertain = masked out), so real datasets with reports work the same way."""
 
     def __init__(
         self, studies: Sequence[Study], images: ImageStore, tokenizer: Any, max_len: int
@@ -76,15 +81,25 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.images = images
         self.items = []
         for study in studies:
-            ids = tokenizer.encode(report_text(study), add_special_tokens=True)[: max_len - 1]
-            self.items.append((study.image, ids + [tokenizer.eos_token_id]))
+            text = report_text(study)
+            ids = tokenizer.encode(text, add_special_tokens=True)[: max_len - 1]
+            found = label_report(text)
+            target = torch.tensor([float(found[o] == POSITIVE) for o in CHEXPERT_OBSERVATIONS])
+            mask = torch.tensor([float(found[o] != UNCERTAIN) for o in CHEXPERT_OBSERVATIONS])
+            self.items.append((study.image, ids + [tokenizer.eos_token_id], target, mask))
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        image, ids = self.items[i]
-        return {"pixels": self.images[image], "input_ids": ids, "labels": list(ids)}
+        image, ids, target, mask = self.items[i]
+        return {
+            "pixels": self.images[image],
+            "input_ids": ids,
+            "labels": list(ids),
+            "report_labels": target,
+            "report_label_mask": mask,
+        }
 
 
 class InstructionDataset(torch.utils.data.Dataset):
@@ -146,6 +161,9 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
         labels[i, :n] = torch.tensor(b["labels"])
         mask[i, :n] = 1
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    for key in ("report_labels", "report_label_mask"):
+        if key in batch[0]:
+            out[key] = torch.stack([b[key] for b in batch])
     pixels = [b["pixels"] for b in batch if "pixels" in b]
     if pixels:
         out["pixels"] = torch.stack(pixels)

@@ -31,6 +31,7 @@ from cxrlite.train.engine import train_stage
 from cxrlite.train.recipe import StageDef
 from cxrlite.train.spec import StageSpec
 from cxrlite.train.text_side import TextSide, VisionPretrainer
+from cxrlite.vision import select_features
 
 logger = logging.getLogger(__name__)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -126,6 +127,33 @@ def _records(ctx: StageContext, stage: StageDef, split: str) -> list[TaskRecord]
     return [r for r in ctx.records if r.split == split and r.task in stage.tasks]
 
 
+@torch.no_grad()
+def _report_label_f1(module: torch.nn.Module, dataset, pad_id: int, device: torch.device) -> float:
+    """Stage 1's visual learning signal: macro-F1 over the core findings of the report-label head
+    on held-out images (what the vision encoder can already tell apart)."""
+    from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, CORE_FINDINGS
+    from cxrlite.train.text_side import report_label_logits
+
+    training = module.training
+    module.eval()
+    preds, targets = [], []
+    for start in range(0, len(dataset), 16):
+        b = collate([dataset[i] for i in range(start, min(start + 16, len(dataset)))], pad_id)
+        outputs = module.vision(pixel_values=b["pixels"].to(device), output_hidden_states=True)
+        patches = select_features(outputs, module.vision_cfg)
+        preds.append(report_label_logits(module.text.label_head, patches).cpu() > 0)
+        targets.append(b["report_labels"] > 0.5)
+    module.train(training)
+    pred, target = torch.cat(preds), torch.cat(targets)
+    f1s = []
+    for obs in CORE_FINDINGS:
+        j = CHEXPERT_OBSERVATIONS.index(obs)
+        tp = float((pred[:, j] & target[:, j]).sum())
+        denom = float(pred[:, j].sum() + target[:, j].sum())
+        f1s.append(2 * tp / denom if denom else 0.0)
+    return sum(f1s) / len(f1s)
+
+
 def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict[str, Any]:
     stage_dir = ctx.out / stage.folder
     ckpt_dir = stage_dir / "checkpoint"
@@ -182,13 +210,14 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
         checkpoint_every=max(1, stage.steps // 4),
         seed=ctx.seed + stage.index,
     )
-    eval_fn = (
-        (lambda m: {"val_loss": _mean_loss(module, loss_fn, val, pad, ctx.device)})
-        if len(val)
-        else None
-    )
-    # Validation before training too, on the same held-out batch: "did this stage learn" is then
-    # a comparison of two deterministic numbers instead of two noisy training-batch losses.
+
+    def validate(m: torch.nn.Module) -> dict[str, float]:
+        metrics = {"val_loss": _mean_loss(module, loss_fn, val, pad, ctx.device)}
+        if stage.objective == "vision_pretrain":
+            metrics["val_report_label_f1"] = _report_label_f1(module, val, pad, ctx.device)
+        return metrics
+
+    eval_fn = validate if len(val) else None
     val_before = (
         eval_fn(module)["val_loss"]
         if eval_fn and not (stage_dir / "checkpoints").exists()

@@ -66,27 +66,53 @@ def _text_report(file: Path, result: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.argument(
-    "images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path)
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--bundle",
+    "bundle_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Bundle folder from `cxrlite export`.",
 )
-@click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              required=True, help="Bundle folder from `cxrlite export`.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the results as JSONL (written atomically at the end).")
-@click.option("--vision-backend", type=click.Choice(["auto", "onnx", "tensorrt", "torch"]),
-              default="auto", show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the results as JSONL (written atomically at the end).",
+)
+@click.option(
+    "--vision-backend",
+    type=click.Choice(["auto", "onnx", "tensorrt", "torch"]),
+    default="auto",
+    show_default=True,
+)
 @click.option("--vision-variant", help="A vision variant of the bundle, e.g. onnx-fp16, onnx-int8.")
-@click.option("--llm-backend", type=click.Choice(["auto", "llama.cpp", "gguf", "gptq", "torch"]),
-              default="auto", show_default=True)
+@click.option(
+    "--llm-backend",
+    type=click.Choice(["auto", "llama.cpp", "gguf", "gptq", "torch"]),
+    default="auto",
+    show_default=True,
+)
 @click.option("--llm-variant", help="An LLM variant of the bundle, e.g. gguf-q4_k_m, gptq-4bit.")
-@click.option("--n-gpu-layers", type=int, default=None,
-              help="LLM layers on the GPU (llama.cpp); default all when a GPU is usable.")
+@click.option(
+    "--n-gpu-layers",
+    type=int,
+    default=None,
+    help="LLM layers on the GPU (llama.cpp); default all when a GPU is usable.",
+)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads.")
-@click.option("--max-tokens", type=click.IntRange(1, 4096), default=128, show_default=True,
-              help="Longest findings / impression, in tokens.")
-@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Source checkpoint for the torch backends (default: the bundle's record).")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(1, 4096),
+    default=128,
+    show_default=True,
+    help="Longest findings / impression, in tokens.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Source checkpoint for the torch backends (default: the bundle's record).",
+)
 @click.pass_context
 @user_errors
 def report(ctx: click.Context, images: tuple[Path, ...], bundle_dir: Path, as_json: bool,
@@ -121,7 +147,9 @@ def report(ctx: click.Context, images: tuple[Path, ...], bundle_dir: Path, as_js
     def results() -> Iterator[dict[str, Any]]:
         from cxrlite.data.errors import ImageError
 
-        with progress_bar("report", total=len(files), enabled=None if len(files) > 1 else False) as advance:
+        with progress_bar(
+            "report", total=len(files), enabled=None if len(files) > 1 else False
+        ) as advance:
             for file in files:
                 try:
                     result = {"file": str(file), **runtime.report(file, max_tokens=max_tokens)}
@@ -130,18 +158,26 @@ def report(ctx: click.Context, images: tuple[Path, ...], bundle_dir: Path, as_js
                     click.echo(f"error: {file}: [{e.code}] {e.problem}", err=True)
                     advance(failed=len(failed))
                     continue
-                click.echo(json.dumps(result, ensure_ascii=False) if as_json else _text_report(file, result))
+                click.echo(
+                    json.dumps(result, ensure_ascii=False)
+                    if as_json
+                    else _text_report(file, result)
+                )
                 advance(failed=len(failed))
                 yield result
 
-    if out is not None:
-        write_jsonl(out, results())
-    else:
-        for _ in results():
-            pass
+    try:
+        if out is not None:
+            write_jsonl(out, results())
+        else:
+            for _ in results():
+                pass
+    finally:
+        runtime.close()
     elapsed = time.perf_counter() - started
-    logger.info("reported %d image(s), %d failed, in %.1f s", len(files) - len(failed), len(failed), elapsed)
-    runtime.close()
+    logger.info(
+        "reported %d image(s), %d failed, in %.1f s", len(files) - len(failed), len(failed), elapsed
+    )
     if failed:
         click.echo(f"{len(failed)} of {len(files)} image(s) failed", err=True)
         ctx.exit(1)

@@ -139,15 +139,16 @@ class TorchLLMBackend:
                     raise ValueError(
                         f"embeddings must be [n, {self._table.embedding_dim}], got {segment.shape}"
                     )
-                parts.append(torch.from_numpy(np.ascontiguousarray(segment)).to(self.dtype))
+                embeds = torch.tensor(np.asarray(segment, dtype=np.float32))
+                parts.append(embeds.to(self.device, self.dtype))
             elif len(segment):
                 ids = torch.tensor([int(t) for t in segment], dtype=torch.long)
                 if int(ids.min()) < 0 or int(ids.max()) >= self.n_vocab:
                     raise ValueError(f"token id outside the vocabulary ({self.n_vocab})")
-                parts.append(self._table(ids.to(self.device)).cpu())
+                parts.append(self._table(ids.to(self.device)))
         if not parts:
             raise ValueError("nothing to decode: all segments are empty")
-        embeds = torch.cat([p.to(self.device) for p in parts]).unsqueeze(0)
+        embeds = torch.cat(parts).unsqueeze(0)
         if embeds.shape[1] > self.n_ctx:
             raise ValueError(f"{embeds.shape[1]} positions exceed the context of {self.n_ctx}")
         return embeds

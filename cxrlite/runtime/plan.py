@@ -112,7 +112,9 @@ def plan_vision(
         raise BackendError(f"vision backend must be one of {VISION_BACKENDS}, got {backend!r}")
     if variant is not None:
         if variant not in variants:
-            raise BackendError(f"no vision variant {variant!r} in the bundle; have {sorted(variants)}")
+            raise BackendError(
+                f"no vision variant {variant!r} in the bundle; have {sorted(variants)}"
+            )
         kind = VISION_KINDS.get(variants[variant].get("kind"))
         if kind is None or backend not in ("auto", kind):
             raise BackendError(f"vision variant {variant!r} is not a {backend} variant")
@@ -196,7 +198,9 @@ def plan_llm(
             raise BackendError(why)
         return Choice(backend, _pick(names, default, quality), "asked for backend")
     if default is None or default not in variants:
-        raise BackendError("the bundle has no LLM variant; use llm_backend='torch' with the checkpoint")
+        raise BackendError(
+            "the bundle has no LLM variant; use llm_backend='torch' with the checkpoint"
+        )
     kind = LLM_KINDS.get(variants[default].get("kind"))
     gguf = _by_kind(variants, LLM_KINDS, "llama.cpp")
     if kind == "gptq" and not hw.cuda and gguf and hw.llama_cpp:

@@ -71,7 +71,9 @@ class TensorRTVision:
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         batch = _as_batch(pixels)
         step = self.runner.max_batch  # the engine's profile caps the batch: split bigger ones
-        return np.concatenate([self.runner(batch[i : i + step]) for i in range(0, len(batch), step)])
+        return np.concatenate(
+            [self.runner(batch[i : i + step]) for i in range(0, len(batch), step)]
+        )
 
 
 class TorchVision:
@@ -87,7 +89,7 @@ class TorchVision:
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.no_grad():
-            x = torch.from_numpy(_as_batch(pixels)).to(self.device)
+            x = torch.tensor(_as_batch(pixels), device=self.device)
             return self.tower.encode_image(x).float().cpu().numpy()
 
 

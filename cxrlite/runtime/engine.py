@@ -1,0 +1,462 @@
+"""`Runtime`: a bundle's vision and LLM backends, the embedding cache and the prompt encoding.
+
+    rt = Runtime.from_bundle("bundle/")
+    for event in rt.generate("Describe the findings.", image="study.dcm", max_tokens=128):
+        print(event.text, end="")
+    rt.report("study.dcm")  # {"findings", "impression", "labels", "variants", "timings", ...}
+
+Prompts are encoded with the bundle's own tokenizer (`format_prompt` + `encode(...,
+add_special_tokens=False)`) and split at the single image token, whose place the image
+embeddings take: llama.cpp never tokenizes a prompt (it spaces special tokens differently).
+
+Threads. Image decoding, preprocessing and the vision tower run in the caller's thread (the
+vision backend under its own lock), so a request's image work overlaps another's decoding. The
+LLM has one KV cache: one generation at a time holds the LLM lock from prefill to its last token
+(`Generation` docs). A server runs generations from one worker fed by a bounded queue; a thread
+that starts a second generation while its first is unfinished gets a RuntimeError rather than a
+deadlock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrlite.data.decode import DecodedImage, load_image
+from cxrlite.data.errors import ImageError
+from cxrlite.data.preprocess import preprocess
+from cxrlite.runtime.cache import DEFAULT_MAX_BYTES, EmbeddingCache, pixels_key
+from cxrlite.runtime.generation import Completion, Generation
+from cxrlite.runtime.llm import LLMBackend, open_llm
+from cxrlite.runtime.plan import (
+    BackendError,
+    Choice,
+    plan_llm,
+    plan_vision,
+    probe_hardware,
+    reference_checkpoint,
+)
+from cxrlite.runtime.sampling import SamplingParams
+from cxrlite.runtime.vision import VisionBackend, open_vision
+
+logger = logging.getLogger(__name__)
+
+Image = str | os.PathLike | bytes | DecodedImage | np.ndarray
+Prompt = str | Sequence[dict[str, Any]]  # a user message, or chat messages
+MAX_DEFAULT_CTX = 4096
+
+
+@dataclass
+class ImageEmbeddings:
+    embeds: np.ndarray  # float32 [n_image_tokens, n_embd], read-only when cached
+    cache_hit: bool
+    preprocess_ms: float
+    vision_ms: float
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+class Runtime:
+    def __init__(
+        self,
+        bundle: Any,
+        vision: VisionBackend,
+        llm: LLMBackend,
+        tokenizer: Any,
+        *,
+        cache: EmbeddingCache | None = None,
+        choices: dict[str, Choice] | None = None,
+    ) -> None:
+        self.bundle, self.vision, self.llm, self.tokenizer = bundle, vision, llm, tokenizer
+        self.config = bundle.config
+        self.pre = bundle.preprocess
+        self.model_id = bundle.path.name
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self.choices = choices or {}
+        self.image_token_id = int(self.config.image_token_id)
+        self.stop_ids = {
+            t for t in (tokenizer.eos_token_id, self.config.llm.eos_token_id) if t is not None
+        }
+        self._llm_lock, self._llm_owner = threading.Lock(), None
+        self._vision_lock = threading.Lock()
+
+    # --- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_bundle(
+        cls,
+        bundle_dir: str | os.PathLike,
+        *,
+        vision_backend: str = "auto",
+        vision_variant: str | None = None,
+        llm_backend: str = "auto",
+        llm_variant: str | None = None,
+        n_gpu_layers: int | None = None,
+        threads: int | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        cache_size: int = 256,
+        cache_bytes: int = DEFAULT_MAX_BYTES,
+        warmup: bool = True,
+        n_ctx: int | None = None,
+        kv_type: str = "f16",
+        flash_attn: bool | None = None,
+        verify: bool | str = True,
+    ) -> Runtime:
+        """Open a bundle with backends chosen from its defaults and this machine (see
+        cxrlite.runtime.plan), each overridable. `n_gpu_layers` None offloads every layer when
+        llama.cpp can and a GPU is present. `checkpoint` replaces the manifest's source path for
+        the torch reference. `kv_type="f32", flash_attn=False` is llama.cpp's exact f32 path."""
+        from cxrlite.export.bundle import load_bundle
+        from cxrlite.tokenizer import load_tokenizer
+
+        bundle = load_bundle(bundle_dir, verify=verify)
+        vision_variants = bundle.vision_variants
+        wants_trt = vision_backend in ("auto", "tensorrt") and any(
+            v.get("kind") == "tensorrt" for v in vision_variants.values()
+        )
+        hw = probe_hardware(tensorrt=wants_trt)
+        v_choice = plan_vision(
+            vision_variants, bundle.default.get("vision"), hw, vision_backend, vision_variant
+        )
+        l_choice = plan_llm(
+            bundle.llm_variants,
+            bundle.default.get("llm"),
+            hw,
+            llm_backend,
+            llm_variant,
+            bundle.manifest.get("quality"),
+        )
+        reference = None
+        if "torch" in (v_choice.backend, l_choice.backend):
+            reference = _load_reference(
+                bundle, checkpoint, threads, vision_only=l_choice.backend != "torch"
+            )
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if hw.cuda and hw.llama_gpu_offload else 0
+        cfg = bundle.config
+        vision = open_vision(bundle, v_choice, threads=threads, tower=reference)
+        llm = open_llm(
+            bundle,
+            l_choice,
+            n_ctx=n_ctx or min(cfg.llm.max_position_embeddings, MAX_DEFAULT_CTX),
+            threads=threads,
+            n_gpu_layers=n_gpu_layers,
+            kv_type=kv_type,
+            flash_attn=flash_attn,
+            reference_llm=getattr(reference, "llm", None),
+        )
+        runtime = cls(
+            bundle,
+            vision,
+            llm,
+            load_tokenizer(bundle.tokenizer_dir),
+            cache=EmbeddingCache(cache_size, cache_bytes),
+            choices={"vision": v_choice, "llm": l_choice},
+        )
+        logger.info(
+            "runtime: vision %s on %s (%s), llm %s on %s (%s)",
+            vision.name, vision.device, v_choice.reason, llm.name, llm.device, l_choice.reason,
+        )  # fmt: skip
+        if warmup:
+            runtime.warmup()
+        return runtime
+
+    def warmup(self, n_tokens: int = 2) -> dict[str, float]:
+        """One dummy image through the vision tower and a few tokens through the LLM (first-call
+        costs: graph optimisation, allocations, kernel selection). The cache is left untouched."""
+        c, s = self.pre.channels, self.pre.image_size
+        result = self.complete(
+            "Warm-up.", np.zeros((c, s, s), np.float32), max_tokens=n_tokens, use_cache=False
+        )
+        logger.info("warm-up done in %.0f ms", result.timings["total_ms"])
+        return result.timings
+
+    def close(self) -> None:
+        with self._llm_session():
+            self.llm.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def variants(self) -> dict[str, str]:
+        return {"vision": self.vision.name, "llm": self.llm.name}
+
+    def info(self) -> dict[str, Any]:
+        """What a health or models route shows: variants, devices, why they were chosen."""
+        return {
+            "model": self.model_id,
+            "variants": self.variants,
+            "devices": {"vision": self.vision.device, "llm": self.llm.device},
+            "reasons": {k: c.reason for k, c in self.choices.items()},
+            "n_ctx": self.llm.n_ctx,
+            "n_image_tokens": self.config.n_image_tokens,
+            "cache": self.cache.stats(),
+        }
+
+    # --- images -----------------------------------------------------------------------------
+
+    def prepare_image(self, image: Image) -> np.ndarray:
+        """float32 [C, S, S] model pixels from a path, bytes, DecodedImage, decoded HxW pixels in
+        [0, 1], or already preprocessed [C, S, S] pixels. Bad images raise ImageError."""
+        expected = (self.pre.channels, self.pre.image_size, self.pre.image_size)
+        if isinstance(image, np.ndarray) and image.ndim == 3:
+            if image.shape != expected or not np.isfinite(image).all():
+                raise ImageError("pixels", f"expected finite float32 {list(expected)} pixels")
+            return np.ascontiguousarray(image, dtype=np.float32)
+        if isinstance(image, np.ndarray):
+            gray, source = image, "pixels"
+        elif isinstance(image, DecodedImage):
+            gray, source = image.pixels, "image"
+        elif isinstance(image, str | os.PathLike | bytes | bytearray | memoryview):
+            source = "upload" if isinstance(image, bytes | bytearray | memoryview) else str(image)
+            try:
+                gray = load_image(image).pixels
+            except OSError as e:
+                raise ImageError(source, f"cannot read the file ({e.strerror or e})") from None
+        else:
+            raise TypeError(
+                f"image must be a path, bytes, DecodedImage or array, not {type(image)}"
+            )
+        try:
+            return preprocess(gray, self.pre)
+        except ValueError as e:
+            raise ImageError(source, str(e)) from None
+
+    def image_embeddings(self, image: Image, *, use_cache: bool = True) -> ImageEmbeddings:
+        """The image's embeddings, from the cache when its pixels were seen before."""
+        t0 = time.perf_counter()
+        pixels = self.prepare_image(image)
+        key = pixels_key(pixels, self.vision.name)
+        t1 = time.perf_counter()
+        embeds = self.cache.get(key) if use_cache else None
+        hit = embeds is not None
+        if embeds is None:
+            with self._vision_lock:
+                # Another thread may have encoded the same study while this one waited.
+                embeds = self.cache.peek(key) if use_cache else None
+                hit = embeds is not None
+                if embeds is None:
+                    embeds = self._encode(pixels)
+                    if use_cache:
+                        embeds = self.cache.put(key, embeds)
+        return ImageEmbeddings(
+            embeds, hit, _ms(t1 - t0), 0.0 if hit else _ms(time.perf_counter() - t1)
+        )
+
+    def _encode(self, pixels: np.ndarray) -> np.ndarray:
+        out = self.vision.encode(pixels[None])
+        want = (1, self.config.n_image_tokens, self.config.llm.hidden_size)
+        if out.shape != want:
+            raise BackendError(
+                f"vision backend {self.vision.name} returned {out.shape}, not {want}"
+            )
+        return out[0]
+
+    # --- prompts ----------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: Prompt, with_image: bool) -> list[int]:
+        """Token ids of the generation prompt, with one image token iff `with_image`."""
+        from cxrlite.tokenizer import format_prompt
+
+        if isinstance(prompt, str):
+            text = format_prompt(self.tokenizer, prompt, with_image)
+        else:
+            text = self.tokenizer.apply_chat_template(
+                list(prompt), tokenize=False, add_generation_prompt=True
+            )
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        n_images = ids.count(self.image_token_id)
+        if n_images != int(with_image):
+            raise ValueError(
+                f"the prompt holds {n_images} image tokens; expected {int(with_image)} "
+                "(the image is given separately, not written into the text)"
+            )
+        return ids
+
+    def segments(self, ids: Sequence[int], embeds: np.ndarray | None) -> list[Any]:
+        if embeds is None:
+            return [list(ids)]
+        at = list(ids).index(self.image_token_id)
+        return [s for s in (list(ids[:at]), embeds, list(ids[at + 1 :])) if len(s)]
+
+    # --- generation -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _llm_session(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._llm_owner == me:
+            raise RuntimeError(
+                "this thread's previous generation is unfinished: consume or close() it first"
+            )
+        with self._llm_lock:
+            self._llm_owner = me
+            try:
+                yield
+            finally:
+                self._llm_owner = None
+
+    def generate(
+        self,
+        prompt: Prompt,
+        image: Image | None = None,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] = (),
+        use_cache: bool = True,
+    ) -> Generation:
+        """Stream a completion (see `Generation`). The image is decoded and encoded here, so a
+        bad image raises ImageError before any token; the LLM runs as the caller iterates."""
+        started = time.perf_counter()
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=tuple([stop] if isinstance(stop, str) else stop or ()),
+            stop_token_ids=tuple(stop_token_ids),
+        )
+        timings = {"preprocess_ms": 0.0, "vision_ms": 0.0}
+        embeds, cache_hit = None, None
+        if image is not None:
+            found = self.image_embeddings(image, use_cache=use_cache)
+            embeds, cache_hit = found.embeds, found.cache_hit
+            timings.update(preprocess_ms=found.preprocess_ms, vision_ms=found.vision_ms)
+        ids = self.prompt_ids(prompt, with_image=image is not None)
+        n_prompt = len(ids) - 1 + self.config.n_image_tokens if image is not None else len(ids)
+        if n_prompt >= self.llm.n_ctx:
+            raise ValueError(
+                f"the prompt takes {n_prompt} positions; the context has {self.llm.n_ctx}"
+            )
+        return Generation(
+            backend=self.llm,
+            tokenizer=self.tokenizer,
+            segments=self.segments(ids, embeds),
+            n_prompt=n_prompt,
+            params=params,
+            stop_ids=self.stop_ids | set(params.stop_token_ids),
+            session=self._llm_session,
+            started=started,
+            timings=timings,
+            cache_hit=cache_hit,
+        )
+
+    def complete(self, prompt: Prompt, image: Image | None = None, **kwargs: Any) -> Completion:
+        """`generate` run to the end: text, token ids, finish reason, timings, usage."""
+        with self.generate(prompt, image, **kwargs) as generation:
+            return generation.collect()
+
+    def report(self, image: Image, *, max_tokens: int = 128) -> dict[str, Any]:
+        """Findings, then impression (a second generation; the embeddings come from the cache),
+        CheXpert labels of both by the report labeler, variants and per-phase timings."""
+        from cxrlite.data.labeler import label_report
+        from cxrlite.data.tasks import IMPRESSION_PROMPTS
+        from cxrlite.evaluation import FINDINGS_PROMPT
+
+        t0 = time.perf_counter()
+        pixels = self.prepare_image(image)
+        preprocess_ms = _ms(time.perf_counter() - t0)
+        findings = self.complete(FINDINGS_PROMPT, pixels, max_tokens=max_tokens)
+        impression = self.complete(IMPRESSION_PROMPTS[0], pixels, max_tokens=max_tokens)
+        text = f"FINDINGS: {findings.text.strip()}\nIMPRESSION: {impression.text.strip()}"
+        phase = ("queue_ms", "prefill_ms", "decode_ms", "tokens_per_s", "total_ms")
+        return {
+            "findings": findings.text.strip(),
+            "impression": impression.text.strip(),
+            "labels": label_report(text),
+            "variants": self.variants,
+            "cache_hit": findings.cache_hit,
+            "timings": {
+                "preprocess_ms": preprocess_ms,
+                "vision_ms": findings.timings["vision_ms"] + impression.timings["vision_ms"],
+                "findings": {k: findings.timings.get(k, 0.0) for k in phase},
+                "impression": {k: impression.timings.get(k, 0.0) for k in phase},
+                "total_ms": _ms(time.perf_counter() - t0),
+            },
+            "usage": {
+                key: findings.usage[key] + impression.usage[key]
+                for key in ("prompt_tokens", "completion_tokens")
+            },
+        }
+
+    # --- scoring ----------------------------------------------------------------------------
+
+    def option_logprobs(
+        self, prompt: str, options: Sequence[str], image: Image | None = None
+    ) -> list[float]:
+        """Sum of each option's answer-token log-probabilities (its EOS included), encoded as
+        training encodes answers (cxrlite.tokenizer.encode_example)."""
+        from cxrlite.tokenizer import encode_example
+
+        embeds = self.image_embeddings(image).embeds if image is not None else None
+        scores = []
+        with self._llm_session():
+            for option in options:
+                enc = encode_example(
+                    self.tokenizer, prompt, option, with_image=embeds is not None, n_image_tokens=1
+                )
+                n = enc["labels"].count(-100)
+                ids = enc["input_ids"]
+                logp = self.llm.score(self.segments(ids[:n], embeds), ids[n:])
+                scores.append(float(logp.sum()))
+        return scores
+
+    def text_logprobs(self, text: str) -> np.ndarray:
+        """Log-probability of each token of `text` after BOS (text only), at most n_ctx."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)[: self.llm.n_ctx - 1]
+        if not ids:
+            raise ValueError("text_logprobs needs non-empty text")
+        with self._llm_session():
+            return self.llm.score([[self.tokenizer.bos_token_id]], ids)
+
+    def perplexity(self, texts: Sequence[str]) -> dict[str, float]:
+        """Token-level perplexity pooled over texts: exp(-sum log p / n tokens)."""
+        total, n = 0.0, 0
+        for text in texts:
+            if text and text.strip():
+                logp = self.text_logprobs(text)
+                total, n = total + float(logp.sum()), n + len(logp)
+        if n == 0:
+            raise ValueError("perplexity needs at least one non-empty text")
+        return {"perplexity": float(np.exp(-total / n)), "n_tokens": n, "n_texts": len(texts)}
+
+
+def _load_reference(
+    bundle: Any, checkpoint: str | os.PathLike | None, threads: int | None, vision_only: bool
+) -> Any:
+    """The bundle's source model (CXRVLM, fp32) for the torch backends, loaded once for both;
+    only its vision tower (export.onnx.VisionTower, on the CPU) when the LLM is not torch."""
+    import torch
+
+    from cxrlite.model import load
+
+    path: Path = reference_checkpoint(bundle, checkpoint)
+    if threads:
+        torch.set_num_threads(threads)  # process-wide: torch has no per-model thread count
+    if vision_only:
+        from cxrlite.export.onnx import load_vision_tower
+
+        return load_vision_tower(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _, _ = load(path, device=device)
+    return model

@@ -1,0 +1,50 @@
+"""A tiny bundle (ONNX fp32 + fp16 vision, GGUF f32 LLM) for the runtime, quality and report tests,
+built once per test session and shared by their modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from export_testkit import report_corpus
+
+from cxrlite.config import get_preset
+from cxrlite.model import CXRVLM, save
+from cxrlite.tokenizer import bind_tokenizer, build_tokenizer
+
+_BUILT: dict[str, tuple[CXRVLM, Path, Path]] = {}
+
+# A perturbation of 0.2 (not export_testkit's 0.05) so the random model's greedy text varies:
+# measured 27 distinct tokens in 32, with top-1/top-2 logit margins >= 0.03, far above the
+# ~1e-6 difference between llama.cpp's exact f32 path and PyTorch, so greedy ids can match.
+WEIGHT_NOISE = 0.2
+
+
+def runtime_bundle(tmp_path_factory) -> tuple[CXRVLM, Path, Path]:
+    """(model, checkpoint dir, bundle dir), built on first use in the session's temp folder."""
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _BUILT:
+        from cxrlite.commands.export import gguf_builder
+        from cxrlite.export.bundle import export_bundle
+
+        root = tmp_path_factory.mktemp("runtime-bundle")
+        cfg = get_preset("tiny")
+        tokenizer = build_tokenizer(cfg, root / "tok", corpus=report_corpus())
+        cfg = bind_tokenizer(cfg, tokenizer)
+        torch.manual_seed(0)
+        model = CXRVLM(cfg).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * WEIGHT_NOISE)
+        ckpt = save(model, tokenizer, cfg, root / "ckpt")
+        bundle = export_bundle(
+            ckpt, root / "bundle", fp16=True, extra_builders=[gguf_builder(ckpt, "f32")]
+        )
+        _BUILT[key] = (model, ckpt, bundle.path)
+    return _BUILT[key]
+
+
+def random_pixels(seed: int, channels: int = 1, size: int = 64) -> np.ndarray:
+    """Preprocessed-looking pixels [C, S, S] (normalized values around 0)."""
+    return np.random.default_rng(seed).standard_normal((channels, size, size)).astype(np.float32)

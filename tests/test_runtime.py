@@ -1,0 +1,377 @@
+"""cxrlite.runtime: backend choice, llama.cpp + ONNX greedy parity with PyTorch, the embedding
+cache, streaming, stop strings, seeded sampling, report(), typed image errors, GPTQ."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from runtime_testkit import random_pixels, runtime_bundle
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+
+from cxrlite.data.errors import DegenerateImageError, ImageError, NotAnImageError  # noqa: E402
+from cxrlite.data.labeler import label_report  # noqa: E402
+from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, LABEL_VALUES  # noqa: E402
+from cxrlite.data.phantoms import make_phantom_study, png_bytes  # noqa: E402
+from cxrlite.evaluation import FINDINGS_PROMPT, option_logprobs  # noqa: E402
+from cxrlite.runtime import (  # noqa: E402
+    BackendError,
+    EmbeddingCache,
+    Hardware,
+    Runtime,
+    Sampler,
+    SamplingParams,
+    TextStream,
+    plan_llm,
+    plan_vision,
+)
+from cxrlite.runtime.vision import OnnxVision, TorchVision  # noqa: E402
+from cxrlite.tokenizer import encode_example  # noqa: E402
+
+STRICT = {"kv_type": "f32", "flash_attn": False}  # llama.cpp's exact f32 path (see gguf_parity)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return runtime_bundle(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def rt(built):
+    _, _, bundle = built
+    # One thread: a tiny model gains nothing from more, and llama.cpp's spinning thread barriers
+    # slow down by seconds when another process takes a core (seen on this 2-core machine).
+    runtime = Runtime.from_bundle(bundle, threads=1, **STRICT)
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture(scope="module")
+def reference_rt(built):
+    _, _, bundle = built
+    threads = torch.get_num_threads()  # threads=1 sets torch's process-wide count: restored below
+    runtime = Runtime.from_bundle(
+        bundle, vision_backend="torch", llm_backend="torch", threads=1, warmup=False
+    )
+    yield runtime
+    runtime.close()
+    torch.set_num_threads(threads)
+
+
+class CountingVision:
+    """Wraps a real vision backend and counts its calls."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.device, self.calls = inner, inner.name, inner.device, 0
+
+    def encode(self, pixels):
+        self.calls += 1
+        return self.inner.encode(pixels)
+
+
+# --- backend choice (pure rules) -------------------------------------------------------------
+
+VISION = {
+    "onnx-fp32": {"kind": "onnx"},
+    "onnx-fp16": {"kind": "onnx"},
+    "tensorrt-fp16": {"kind": "tensorrt", "engine": {"tensorrt_version": "10.3", "compute_capability": [8, 9], "gpu_name": "L4"}},
+}  # fmt: skip
+LLM = {"gguf-q4_k_m": {"kind": "gguf"}, "gptq-4bit": {"kind": "gptq"}}
+L4 = {"tensorrt_version": "10.3", "compute_capability": [8, 9], "gpu_name": "L4"}
+
+
+def test_vision_choice_follows_hardware():
+    cpu = Hardware()
+    assert plan_vision(VISION, "onnx-fp32", cpu).variant == "onnx-fp32"
+    cuda_ort = Hardware(cuda=True, ort_providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    assert plan_vision(VISION, "onnx-fp32", cuda_ort).variant == "onnx-fp16"
+    trt = Hardware(cuda=True, trt_gpu=L4)
+    assert plan_vision(VISION, "onnx-fp32", trt).backend == "tensorrt"
+    other_gpu = Hardware(
+        cuda=True, trt_gpu={**L4, "compute_capability": [9, 0], "gpu_name": "H100"}
+    )
+    assert plan_vision(VISION, "onnx-fp32", other_gpu).variant == "onnx-fp32"
+    with pytest.raises(BackendError, match="compute capability"):
+        plan_vision(VISION, "onnx-fp32", other_gpu, backend="tensorrt")
+    assert plan_vision(VISION, "onnx-fp32", cpu, backend="torch").name == "torch-fp32"
+    with pytest.raises(BackendError, match="no vision variant 'onnx-int8'"):
+        plan_vision(VISION, "onnx-fp32", cpu, variant="onnx-int8")
+
+
+def test_llm_choice_follows_hardware():
+    both = Hardware(llama_cpp=True, gptqmodel=True)
+    # GPTQ default, no GPU: the GGUF variant runs instead
+    assert plan_llm(LLM, "gptq-4bit", both).variant == "gguf-q4_k_m"
+    assert (
+        plan_llm(LLM, "gptq-4bit", Hardware(cuda=True, llama_cpp=True, gptqmodel=True)).variant
+        == "gptq-4bit"
+    )
+    assert plan_llm(LLM, "gguf-q4_k_m", Hardware(gptqmodel=True)).variant == "gptq-4bit"
+    assert plan_llm(LLM, "gguf-q4_k_m", both, backend="gguf").backend == "llama.cpp"
+    assert plan_llm(LLM, "gguf-q4_k_m", both, backend="gptq").variant == "gptq-4bit"
+    with pytest.raises(BackendError, match="not installed"):
+        plan_llm(LLM, "gguf-q4_k_m", Hardware(gptqmodel=True), variant="gguf-q4_k_m")
+    with pytest.raises(BackendError, match="no LLM variant of this bundle can run here"):
+        plan_llm(LLM, "gguf-q4_k_m", Hardware())
+
+
+def test_reference_refuses_another_checkpoint(built, tmp_path):
+    _, ckpt, bundle = built
+    other = shutil.copytree(ckpt, tmp_path / "other")
+    weights = other / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BackendError, match="not the checkpoint this bundle was exported from"):
+        Runtime.from_bundle(bundle, llm_backend="torch", checkpoint=other, warmup=False)
+
+
+# --- parity with PyTorch ---------------------------------------------------------------------
+
+
+def torch_greedy(model, tokenizer, pixels, max_new_tokens):
+    """CXRVLM.generate (transformers' generate with inputs_embeds): the reference ids."""
+    n_image = model.cfg.n_image_tokens
+    ids = encode_example(tokenizer, FINDINGS_PROMPT, None, with_image=True, n_image_tokens=n_image)
+    pixels = torch.from_numpy(pixels)[None]
+    out = model.generate(
+        torch.tensor([ids["input_ids"]]), pixels=pixels, max_new_tokens=max_new_tokens
+    )
+    return out[0].tolist()
+
+
+def test_greedy_ids_equal_pytorch(built, rt, reference_rt):
+    model, _, _ = built
+    assert rt.variants == {"vision": "onnx-fp32", "llm": "gguf-f32"}
+    for seed in (0, 1):
+        pixels = random_pixels(seed)
+        want = torch_greedy(model, rt.tokenizer, pixels, 32)
+        got = rt.complete(FINDINGS_PROMPT, pixels, max_tokens=32)
+        assert got.tokens == want
+        assert len(want) == 32 and len(set(want)) >= 10  # a varied text, not one repeated token
+        assert reference_rt.complete(FINDINGS_PROMPT, pixels, max_tokens=32).tokens == want
+
+
+def test_onnx_and_torch_vision_agree(built, rt):
+    model, _, bundle = built
+    batch = np.stack([random_pixels(s) for s in range(3)])
+    want = TorchVision(model).encode(batch)
+    assert want.shape == (3, 16, 64)
+    assert np.abs(rt.vision.encode(batch) - want).max() < 1e-4
+    fp16 = OnnxVision(rt.bundle.variant_file("vision", "onnx-fp16"), "onnx-fp16")
+    assert np.abs(fp16.encode(batch) - want).max() / np.abs(want).max() < 1e-2
+
+
+def test_option_scores_and_perplexity_match_pytorch(built, rt, reference_rt):
+    model, _, _ = built
+    from cxrlite.data.records import TaskRecord
+
+    record = TaskRecord("r", "binary_disease_classification", ["x"], "Does this chest X-ray show edema?",
+                        "yes", "test", "phantom", ["yes", "no"])  # fmt: skip
+    pixels = random_pixels(3)
+    want = option_logprobs(model, rt.tokenizer, record, lambda _: torch.from_numpy(pixels))
+    for runtime in (rt, reference_rt):
+        got = runtime.option_logprobs(record.prompt, record.options, pixels)
+        assert np.allclose(got, want, atol=1e-3)
+    text = "heart size normal. no pleural effusion."
+    ppl = rt.perplexity([text])
+    assert np.isclose(ppl["perplexity"], reference_rt.perplexity([text])["perplexity"], rtol=1e-4)
+    assert np.isclose(ppl["perplexity"], np.exp(-rt.text_logprobs(text).mean()))
+    assert ppl["perplexity"] > 1.0 and ppl["n_tokens"] == len(rt.text_logprobs(text))
+
+
+# --- cache, streaming, stops, sampling -------------------------------------------------------
+
+
+def test_cache_skips_the_vision_tower(rt):
+    counting = CountingVision(rt.vision)
+    rt.vision = counting
+    try:
+        pixels = random_pixels(10)
+        t0 = time.perf_counter()
+        first = rt.image_embeddings(pixels)
+        t1 = time.perf_counter()
+        second = rt.image_embeddings(pixels.copy())  # same content, another array
+        t2 = time.perf_counter()
+        assert (first.cache_hit, second.cache_hit, counting.calls) == (False, True, 1)
+        assert np.array_equal(first.embeds, second.embeds) and not second.embeds.flags.writeable
+        assert second.vision_ms == 0.0 and first.vision_ms > 0.0
+        print(f"image embeddings: miss {1e3 * (t1 - t0):.2f} ms, hit {1e3 * (t2 - t1):.2f} ms")
+        completion = rt.complete(FINDINGS_PROMPT, pixels, max_tokens=2)
+        assert completion.cache_hit is True and counting.calls == 1
+        rt.image_embeddings(random_pixels(11))
+        assert counting.calls == 2
+    finally:
+        rt.vision = counting.inner
+
+
+def test_cache_is_bounded_lru():
+    cache = EmbeddingCache(max_entries=2, max_bytes=1 << 20)
+    a, b, c = (np.full((4, 8), v, np.float32) for v in (1, 2, 3))
+    cache.put("a", a), cache.put("b", b)
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("c", c)
+    assert "b" not in cache and "a" in cache and "c" in cache
+    small = EmbeddingCache(max_entries=10, max_bytes=a.nbytes * 2)
+    for key in "abc":
+        small.put(key, a)
+    assert len(small) == 2 and small.stats()["bytes"] == 2 * a.nbytes
+    assert EmbeddingCache(max_entries=0).put("a", a) is not None and len(EmbeddingCache(0)) == 0
+
+
+def test_streaming_yields_tokens_as_they_come_and_stops_early(rt):
+    pixels = random_pixels(0)
+    full = rt.complete(FINDINGS_PROMPT, pixels, max_tokens=32)
+    generation = rt.generate(FINDINGS_PROMPT, pixels, max_tokens=32)
+    events = []
+    for event in generation:
+        events.append(event)
+        assert generation.result is None  # still running: tokens arrive before the end
+        if len(events) == 3:
+            break
+        with pytest.raises(RuntimeError, match="previous generation is unfinished"):
+            rt.complete(FINDINGS_PROMPT, pixels, max_tokens=2)  # same thread: no deadlock
+    generation.close()
+    assert [e.token_id for e in events] == full.tokens[:3]
+    assert (
+        generation.result.finish_reason == "cancelled"
+        and generation.result.tokens == full.tokens[:3]
+    )
+    # the LLM lock was released: another generation runs
+    assert rt.complete(FINDINGS_PROMPT, pixels, max_tokens=4).tokens == full.tokens[:4]
+
+    with rt.generate(FINDINGS_PROMPT, pixels, max_tokens=32) as generation:
+        seen = []
+        for event in generation:
+            seen.append(event)
+            if len(seen) == 5:  # a server's other thread cancels (client gone)
+                canceller = threading.Thread(target=generation.cancel)
+                canceller.start()
+                canceller.join()
+    assert seen[-1].token_id is None and seen[-1].finish_reason == "cancelled"
+    assert generation.result.tokens == full.tokens[:5]
+
+    events = list(rt.generate(FINDINGS_PROMPT, pixels, max_tokens=32))
+    final = events[-1]
+    assert (final.token_id, final.finish_reason, final.index) == (None, "length", 32)
+    assert "".join(e.text for e in events) == full.text
+
+
+def test_stop_strings_end_the_text_before_them(rt):
+    pixels = random_pixels(0)
+    full = rt.complete(FINDINGS_PROMPT, pixels, max_tokens=32)
+    assert len(full.text) > 12
+    stop = full.text[8:11]
+    cut = full.text[: full.text.index(stop)]
+    events = list(rt.generate(FINDINGS_PROMPT, pixels, max_tokens=32, stop=[stop, "never-seen"]))
+    result = "".join(e.text for e in events)
+    assert result == cut and events[-1].finish_reason == "stop"
+    assert len([e for e in events if e.token_id is not None]) < 32
+
+
+def test_text_stream_holds_back_stop_prefixes(rt):
+    ids = rt.tokenizer.encode("heart size normal", add_special_tokens=False)
+    stream = TextStream(rt.tokenizer, stop=["size n"])
+    pieces = [stream.push(t) for t in ids]
+    assert "".join(p for p, _ in pieces) == "heart "
+    assert pieces[-1][1] is True and "size" not in "".join(p for p, _ in pieces)
+
+
+def test_seeded_sampling_is_reproducible(rt):
+    pixels = random_pixels(0)
+    kwargs = dict(max_tokens=16, temperature=1.0, top_p=0.95, seed=7)
+    a = rt.complete(FINDINGS_PROMPT, pixels, **kwargs).tokens
+    assert rt.complete(FINDINGS_PROMPT, pixels, **kwargs).tokens == a
+    assert rt.complete(FINDINGS_PROMPT, pixels, **{**kwargs, "seed": 8}).tokens != a
+    greedy = rt.complete(FINDINGS_PROMPT, pixels, max_tokens=16).tokens
+    assert (
+        rt.complete(FINDINGS_PROMPT, pixels, max_tokens=16, temperature=1.0, top_k=1, seed=3).tokens
+        == greedy
+    )
+    logits = np.array([0.0, 5.0, 4.9, -1.0])
+    assert Sampler(SamplingParams(temperature=1.0, top_p=0.1, seed=0))(logits)[0] == 1
+    draws = {
+        Sampler(SamplingParams(temperature=1.0, top_k=2, seed=s))(logits)[0] for s in range(40)
+    }
+    assert draws == {1, 2}  # top-k 2 keeps exactly the two best
+
+
+# --- report, images --------------------------------------------------------------------------
+
+
+def test_report_gives_findings_impression_labels_and_timings(rt, tmp_path):
+    _, image = make_phantom_study(5, 0, size=96)
+    path = tmp_path / "study.png"
+    path.write_bytes(png_bytes(image))
+    result = rt.report(path, max_tokens=24)
+    assert set(result) == {
+        "findings",
+        "impression",
+        "labels",
+        "variants",
+        "cache_hit",
+        "timings",
+        "usage",
+    }
+    assert result["variants"] == {"vision": "onnx-fp32", "llm": "gguf-f32"}
+    assert list(result["labels"]) == list(CHEXPERT_OBSERVATIONS)
+    assert set(result["labels"].values()) <= set(LABEL_VALUES)
+    text = f"FINDINGS: {result['findings']}\nIMPRESSION: {result['impression']}"
+    assert result["labels"] == label_report(text)
+    timings = result["timings"]
+    assert timings["findings"]["prefill_ms"] > 0 and timings["impression"]["decode_ms"] > 0
+    assert (
+        timings["total_ms"] >= timings["findings"]["total_ms"] + timings["impression"]["total_ms"]
+    )
+    assert result["usage"]["completion_tokens"] <= 48
+    again = rt.report(path.read_bytes(), max_tokens=24)  # same image as bytes: cached embeddings
+    assert again["cache_hit"] is True and again["findings"] == result["findings"]
+
+
+def test_bad_images_raise_typed_errors(rt, tmp_path):
+    with pytest.raises(NotAnImageError) as info:
+        rt.complete("Describe.", b"this is not an image at all")
+    assert info.value.code == "not_an_image"
+    with pytest.raises(ImageError, match="cannot read the file"):
+        rt.complete("Describe.", tmp_path / "missing.png")
+    flat = png_bytes(np.full((64, 64), 128, np.uint8))
+    with pytest.raises(DegenerateImageError):
+        rt.report(flat)
+    with pytest.raises(ImageError, match=r"expected finite float32 \[1, 64, 64\]"):
+        rt.complete("Describe.", np.zeros((3, 64, 64), np.float32))
+    with pytest.raises(ValueError, match="image tokens"):
+        rt.complete("Compare <image> with this one.", random_pixels(0))
+
+
+# --- GPTQ --------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gptqmodel") is None, reason="gptqmodel is not installed"
+)
+def test_gptq_backend_generates_and_scores(built, tmp_path, monkeypatch):
+    from cxrlite.export.bundle import update_bundle
+    from cxrlite.quantize.gptq import quantize_gptq
+
+    _, ckpt, bundle = built
+    copy = shutil.copytree(bundle, tmp_path / "bundle")
+    monkeypatch.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")  # its C++ packer compiles for ~45 s
+    texts = ["heart size normal no pleural effusion lung clear no pneumothorax " * 3] * 8
+
+    def add(staging):
+        quantize_gptq(ckpt, staging / "llm" / "gptq-4bit", texts, bits=4, group_size=32)
+        return {"llm": {"gptq-4bit": {"file": "llm/gptq-4bit", "kind": "gptq", "bits": 4}}}
+
+    update_bundle(copy, add)
+    runtime = Runtime.from_bundle(copy, llm_variant="gptq-4bit", threads=1, warmup=False)
+    assert runtime.variants == {"vision": "onnx-fp32", "llm": "gptq-4bit"}
+    result = runtime.complete(FINDINGS_PROMPT, random_pixels(0), max_tokens=8)
+    assert len(result.tokens) == 8 and all(0 <= t < runtime.llm.n_vocab for t in result.tokens)
+    scores = runtime.option_logprobs("Is there edema?", ["yes", "no"], random_pixels(0))
+    assert all(np.isfinite(scores)) and all(s < 0 for s in scores)
