@@ -148,3 +148,36 @@ def test_plan_scales_and_selects() -> None:
     assert stages[0].steps == round(CHEXAGENT[2].steps * 0.5)
     with pytest.raises(ValueError, match="no stage"):
         plan("chexagent", "small", [7])
+
+
+def test_two_process_ddp_run(phantoms: Path, tmp_path: Path) -> None:
+    """The recipe under torchrun (2 CPU processes, gloo): stages 0-1, the vision stage included
+    (its ViT has parameters that never get a gradient, which DDP must be told about)."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "cxrlite.cli",
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        str(phantoms),
+        "--out",
+        str(tmp_path),
+        "--stages",
+        "0,1",
+        "--max-eval",
+        "4",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("stage1-vision-encoder:") == 1  # rank 0 alone reports
+    assert (tmp_path / "stage1-vision-encoder" / "checkpoint" / "model.safetensors").is_file()

@@ -10,14 +10,10 @@ A stage whose checkpoint/ exists is done and skipped, so re-running the command 
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from cxrlite import model as vlm
 from cxrlite.config import ModelConfig, get_preset
@@ -136,11 +132,3 @@ def _previous_checkpoint(out: Path, table: list[StageDef], stage: StageDef) -> P
         )
     return ckpt
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def read_summary(out: str | Path) -> dict[str, Any]:
-    return json.loads((Path(out) / "summary.json").read_text())

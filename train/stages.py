@@ -209,6 +209,9 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
         warmup_steps=max(1, int(stage.steps * stage.warmup_frac)),
         checkpoint_every=max(1, stage.steps // 4),
         seed=ctx.seed + stage.index,
+        # The ViT's post-layernorm (and pooling head) never feed the selected patch features:
+        # DDP must be told, or it waits forever for their gradients.
+        ddp_find_unused_parameters=stage.lr.get("vision", 0) > 0,
     )
 
     def validate(m: torch.nn.Module) -> dict[str, float]:

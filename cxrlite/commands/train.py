@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -127,6 +128,8 @@ def train(
         max_train=max_train,
         max_eval=max_eval,
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 alone reports
     for name, r in results.items():
         val = r.get("eval", {}).get("val_loss")
         click.echo(
