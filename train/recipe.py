@@ -53,65 +53,26 @@ class StageDef:
         return f"stage{self.index}-{self.name}"
 
 
+# fmt: off
 CHEXAGENT = (
-    StageDef(
-        0,
-        "clinical-llm",
-        "text_lm",
-        {"vision": 0.0, "bridger": 0.0, "llm": 2e-3},
-        steps=500,
-        batch_size=16,
-    ),
-    StageDef(
-        1,
-        "vision-encoder",
-        "vision_pretrain",
-        {"vision": 1e-3, "text": 1e-3},
-        steps=900,
-        batch_size=32,
-    ),
-    StageDef(
-        2,
-        "bridger",
-        "bridger_caption",
-        {"vision": 0.0, "bridger": 2e-3, "llm": 0.0},
-        steps=300,
-        batch_size=16,
-        tasks={"findings_generation": 1.0},
-    ),
-    StageDef(
-        3,
-        "instruction",
-        "instruction",
-        {"vision": 0.0, "bridger": 5e-4, "llm": 5e-4},
-        steps=900,
-        batch_size=16,
-        tasks=DEFAULT_TASK_RATIOS,
-    ),
+    StageDef(0, "clinical-llm", "text_lm", {"vision": 0.0, "bridger": 0.0, "llm": 2e-3},
+             steps=500, batch_size=16),
+    StageDef(1, "vision-encoder", "vision_pretrain", {"vision": 1e-3, "text": 1e-3},
+             steps=900, batch_size=32),
+    StageDef(2, "bridger", "bridger_caption", {"vision": 0.0, "bridger": 2e-3, "llm": 0.0},
+             steps=300, batch_size=16, tasks={"findings_generation": 1.0}),
+    StageDef(3, "instruction", "instruction", {"vision": 0.0, "bridger": 5e-4, "llm": 5e-4},
+             steps=900, batch_size=16, tasks=DEFAULT_TASK_RATIOS),
 )
 
 # LLaVA-Rad: align the projector on captions, then projector + LoRA on the LLM.
 LLAVA_RAD = (
-    StageDef(
-        1,
-        "projector",
-        "bridger_caption",
-        {"vision": 0.0, "bridger": 2e-3, "llm": 0.0},
-        steps=300,
-        batch_size=16,
-        tasks={"findings_generation": 1.0},
-    ),
-    StageDef(
-        2,
-        "projector-lora",
-        "instruction",
-        {"vision": 0.0, "bridger": 5e-4, "llm": 1e-3},
-        steps=900,
-        batch_size=16,
-        lora=True,
-        tasks=DEFAULT_TASK_RATIOS,
-    ),
+    StageDef(1, "projector", "bridger_caption", {"vision": 0.0, "bridger": 2e-3, "llm": 0.0},
+             steps=300, batch_size=16, tasks={"findings_generation": 1.0}),
+    StageDef(2, "projector-lora", "instruction", {"vision": 0.0, "bridger": 5e-4, "llm": 1e-3},
+             steps=900, batch_size=16, lora=True, tasks=DEFAULT_TASK_RATIOS),
 )
+# fmt: on
 
 RECIPES: dict[str, tuple[StageDef, ...]] = {"chexagent": CHEXAGENT, "llava-rad": LLAVA_RAD}
 
