@@ -5,7 +5,7 @@
 set -euo pipefail
 OUT=${1:-demo}
 N_PHANTOMS=${N_PHANTOMS:-2000}
-STEPS_SCALE=${STEPS_SCALE:-0.35}
+STEPS_SCALE=${STEPS_SCALE:-0.3}
 mkdir -p "$OUT"
 run() { echo "+ $*"; "$@"; }
 
@@ -14,7 +14,7 @@ run cxrlite data show "$OUT/phantoms" --out "$OUT/sheet.png"
 run cxrlite train --preset small --data "$OUT/phantoms" --out "$OUT/run" --steps-scale "$STEPS_SCALE"
 ckpt="$OUT/run/stage3-instruction/checkpoint"
 run cxrlite export "$ckpt" --out "$OUT/bundle" --int8 --overwrite
-run cxrlite quantize "$OUT/bundle" --gguf q8_0,q4_k_m --gptq --eval-studies 32
+run cxrlite quantize "$OUT/bundle" --gguf q8_0,q4_k_m --gptq --eval-studies 12
 # A held-out phantom, as a MONOCHROME1 12-bit DICOM: the path hospital IT will use.
 test_image=$(python3 -c "
 import json, sys
