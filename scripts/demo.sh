@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job end to end on phantom radiographs: `make demo` (or `bash scripts/demo.sh DIR`).
-# phantoms -> train (4 stages, a shortened `small` schedule) -> export -> quantize -> report.
+# phantoms -> train (4 stages, a shortened `small` schedule) -> export -> quantize -> report -> bench.
 # Each step is a plain cxrlite command, echoed before it runs; re-running resumes training.
 set -euo pipefail
 OUT=${1:-demo}
@@ -25,4 +25,5 @@ for line in open(sys.argv[1]):
 run cxrlite data dicom "$OUT/phantoms/$test_image" --out "$OUT/study.dcm" --monochrome1
 run cxrlite data inspect "$OUT/study.dcm" --png "$OUT/study-model-input.png"
 run cxrlite report "$OUT/study.dcm" --bundle "$OUT/bundle"
-echo "demo finished: sheet $OUT/sheet.png, bundle $OUT/bundle, held-out F1 above (cxrlite train)"
+run cxrlite bench "$OUT/bundle" --image "$OUT/study.dcm" --runs 5 --threads 1 --out "$OUT/bench"
+echo "demo finished: sheet $OUT/sheet.png, bundle $OUT/bundle, benchmark $OUT/bench/bench.md"
