@@ -19,6 +19,7 @@ _COMMANDS = {
     "export": ("cxrlite.commands.export", "export", "Checkpoint -> bundle: ONNX vision tower (+TensorRT), GGUF LLM."),
     "quantize": ("cxrlite.commands.quantize", "quantize", "Add quantized LLM variants (GGUF q8_0/q4_k_m..., GPTQ) to a bundle."),
     "report": ("cxrlite.commands.report", "report", "Draft reports (findings, impression, labels) for DICOM/PNG/JPEG files or folders."),
+    "serve": ("cxrlite.commands.serve", "serve", "Serve a bundle: OpenAI-compatible API, /v1/reports, /health, /metrics, a web page."),
     "bench": ("cxrlite.commands.bench", "bench", "Per-phase latency, throughput and memory of a bundle's backends (or random weights of real size)."),
     "eval": ("cxrlite.commands.eval", "eval_command", "CheXbench-style evaluation with bootstrap CIs and fairness, per bundle variant."),
 }
@@ -63,6 +64,7 @@ def main(ctx: click.Context, verbose: int) -> None:
       cxrlite export          checkpoint -> deployment bundle (ONNX + GGUF), parity-checked
       cxrlite quantize        add llama.cpp / GPTQ variants to the bundle, quality-gated
       cxrlite report          draft reports for DICOM/PNG/JPEG files with a bundle
+      cxrlite serve           OpenAI-compatible server with a web page, health and metrics
       cxrlite bench           latency per phase, per backend, with memory and bandwidth bound
       cxrlite eval            quality with bootstrap CIs and fairness, checkpoint vs variants
       cxrlite doctor          check what this machine can run

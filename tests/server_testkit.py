@@ -1,0 +1,138 @@
+"""Shared pieces of the server tests: one tiny runtime per session, images as data URLs, a
+gate that holds the LLM between tokens, and a live uvicorn server on a free loopback port."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+from runtime_testkit import runtime_bundle
+
+from cxrlite.data.dicomio import dicom_bytes
+from cxrlite.data.phantoms import make_phantom_study, png_bytes
+from cxrlite.runtime import Runtime
+
+_RUNTIMES: dict[str, Runtime] = {}
+GATE_TIMEOUT_S = 120.0  # a test that forgets to open a gate fails instead of hanging
+
+
+def shared_runtime(tmp_path_factory) -> Runtime:
+    """The tiny bundle's runtime (ONNX fp32 + GGUF f32, one thread), opened once per session.
+    Apps given a runtime (not a factory) never close it."""
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _RUNTIMES:
+        _, _, bundle = runtime_bundle(tmp_path_factory)
+        _RUNTIMES[key] = Runtime.from_bundle(
+            bundle, threads=1, kv_type="f32", flash_attn=False, warmup=False
+        )
+    return _RUNTIMES[key]
+
+
+def phantom_png(seed: int, size: int = 96) -> bytes:
+    _, pixels = make_phantom_study(seed, 0, size=size)
+    return png_bytes(pixels)
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def phantom_dicom(seed: int, patient_name: str | None = None, size: int = 64) -> bytes:
+    """A phantom as DICOM; `patient_name` replaces the placeholder name (PHI tests)."""
+    import io
+
+    import pydicom
+
+    _, pixels = make_phantom_study(seed, 0, size=size)
+    data = dicom_bytes(pixels.astype(np.uint8))
+    if patient_name is None:
+        return data
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.PatientName = patient_name
+    ds.PatientID = "PID-" + patient_name
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def chat_body(
+    model: str,
+    image: bytes | None = None,
+    text: str = "Describe the findings.",
+    mime: str = "image/png",
+    **extra,
+) -> dict:
+    content: list[dict] = []
+    if image is not None:
+        content.append({"type": "image_url", "image_url": {"url": data_url(image, mime)}})
+    content.append({"type": "text", "text": text})
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+class GatedLLM:
+    """Wraps a real LLM backend: after `free_steps` steps, `step()` (each token after the first)
+    waits for `gate`, and `stepping` is set once a step waits, so a test can hold a generation
+    mid-stream."""
+
+    def __init__(self, inner, free_steps: int = 0) -> None:
+        self.inner, self.free_steps = inner, free_steps
+        self.gate = threading.Event()
+        self.stepping = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def prefill(self, segments):
+        return self.inner.prefill(segments)
+
+    def step(self, token_id):
+        if self.free_steps > 0:
+            self.free_steps -= 1
+            return self.inner.step(token_id)
+        self.stepping.set()
+        if not self.gate.wait(GATE_TIMEOUT_S):
+            raise TimeoutError("the test never opened the gate")
+        return self.inner.step(token_id)
+
+
+@contextlib.contextmanager
+def gated(runtime: Runtime, free_steps: int = 0) -> Iterator[GatedLLM]:
+    wrapper = GatedLLM(runtime.llm, free_steps)
+    runtime.llm = wrapper
+    try:
+        yield wrapper
+    finally:
+        wrapper.gate.set()
+        runtime.llm = wrapper.inner
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(app) -> Iterator[str]:
+    """Run `app` with uvicorn in a thread on 127.0.0.1; yields its base URL."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=free_port(), log_config=None, access_log=False, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    try:
+        while not server.started:  # uvicorn offers no event; its flag flips once it listens
+            if not thread.is_alive():
+                raise RuntimeError("uvicorn failed to start")
+            thread.join(0.01)
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
