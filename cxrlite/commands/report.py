@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from cxrlite.commands import user_errors
+from cxrlite.commands import runtime_options, user_errors
 from cxrlite.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -80,27 +80,7 @@ def _text_report(file: Path, result: dict[str, Any]) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the results as JSONL (written atomically at the end).",
 )
-@click.option(
-    "--vision-backend",
-    type=click.Choice(["auto", "onnx", "tensorrt", "torch"]),
-    default="auto",
-    show_default=True,
-)
-@click.option("--vision-variant", help="A vision variant of the bundle, e.g. onnx-fp16, onnx-int8.")
-@click.option(
-    "--llm-backend",
-    type=click.Choice(["auto", "llama.cpp", "gguf", "gptq", "torch"]),
-    default="auto",
-    show_default=True,
-)
-@click.option("--llm-variant", help="An LLM variant of the bundle, e.g. gguf-q4_k_m, gptq-4bit.")
-@click.option(
-    "--n-gpu-layers",
-    type=int,
-    default=None,
-    help="LLM layers on the GPU (llama.cpp); default all when a GPU is usable.",
-)
-@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads.")
+@runtime_options
 @click.option(
     "--max-tokens",
     type=click.IntRange(1, 4096),

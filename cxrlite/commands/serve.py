@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from cxrlite.commands import user_errors
+from cxrlite.commands import runtime_options, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -82,27 +82,7 @@ logger = logging.getLogger(__name__)
     is_flag=True,
     help="Log prompts and generated text (patient data!): debugging only.",
 )
-@click.option(
-    "--vision-backend",
-    type=click.Choice(["auto", "onnx", "tensorrt", "torch"]),
-    default="auto",
-    show_default=True,
-)
-@click.option("--vision-variant", help="A vision variant of the bundle, e.g. onnx-fp16.")
-@click.option(
-    "--llm-backend",
-    type=click.Choice(["auto", "llama.cpp", "gguf", "gptq", "torch"]),
-    default="auto",
-    show_default=True,
-)
-@click.option("--llm-variant", help="An LLM variant of the bundle, e.g. gguf-q4_k_m.")
-@click.option(
-    "--n-gpu-layers",
-    type=int,
-    default=None,
-    help="LLM layers on the GPU (llama.cpp); default all when a GPU is usable.",
-)
-@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads.")
+@runtime_options
 @click.option(
     "--cache-size",
     type=click.IntRange(0),
