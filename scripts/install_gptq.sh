@@ -8,7 +8,7 @@
 #   imports it on every model load and it prints native-library warnings.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
-if $PYTHON -c "import gptqmodel" 2>/dev/null; then exit 0; fi
+if $PYTHON -c "import gptqmodel" >/dev/null 2>&1; then exit 0; fi
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 printf 'torch==%s\nnumpy==%s\n' "$($PYTHON -c 'import torch; print(torch.__version__.split("+")[0])')" \
