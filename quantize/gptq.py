@@ -26,11 +26,13 @@ packing instead (same files).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,20 @@ WEIGHTS_FILE = "model.safetensors"
 
 class GPTQError(ValueError):
     """A GPTQ request or folder is invalid; the message names the setting, file or tensor."""
+
+
+@contextlib.contextmanager
+def _gptqmodel_output() -> Iterator[None]:
+    """GPTQModel prints banners, configs and per-layer progress (thousands of lines) to
+    stdout/stderr; keep the CLI's output ours and hand its text to the debug log instead."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        text = (out.getvalue() + err.getvalue()).strip()
+        if text:
+            logger.debug("GPTQModel output:\n%s", text)
 
 
 def _import_gptqmodel() -> Any:
@@ -147,7 +163,8 @@ def quantize_gptq(
     calibration = _calibration(tokenizer, calibration_texts, max_tokens)
     if not [row for row in calibration if len(row["input_ids"]) >= 10]:
         raise GPTQError("GPTQ needs calibration texts of at least 10 tokens; none were given")
-    gptqmodel = _import_gptqmodel()
+    with _gptqmodel_output():
+        gptqmodel = _import_gptqmodel()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     quant_config = gptqmodel.GPTQConfig(
         bits=bits,
@@ -163,10 +180,12 @@ def quantize_gptq(
         save_tokenizer(tokenizer, src)
         del model
         dtype = torch.float32 if device == "cpu" else torch.float16
-        quantizer = gptqmodel.GPTQModel.load(src, quant_config, device=device, dtype=dtype)
-        quantizer.quantize(calibration, batch_size=1)
+        with _gptqmodel_output():
+            quantizer = gptqmodel.GPTQModel.load(src, quant_config, device=device, dtype=dtype)
+            quantizer.quantize(calibration, batch_size=1)
         with atomic_dir(out_dir, lambda p: (p / MARKER_FILE).is_file()) as tmp:
-            quantizer.save(str(tmp))
+            with _gptqmodel_output():
+                quantizer.save(str(tmp))
             save_tokenizer(tokenizer, tmp)  # adds tokenizer.model, which GPTQModel does not copy
             write_json(
                 tmp / MARKER_FILE,
@@ -189,12 +208,14 @@ def load_gptq_llm(
     """The quantized LlamaForCausalLM (eval mode) for inference. On the CPU it uses GPTQModel's
     pure-torch kernel (the ATen int4 kernel needs widths that are multiples of 16), which runs
     in bfloat16 (default) or float16, not float32."""
-    gptqmodel = _import_gptqmodel()
+    with _gptqmodel_output():
+        gptqmodel = _import_gptqmodel()
     path = Path(gptq_dir)
     gptq_format_check(path)
     backend = gptqmodel.BACKEND.TORCH if device == "cpu" else gptqmodel.BACKEND.AUTO
     dtype = dtype or (torch.bfloat16 if device == "cpu" else torch.float16)
-    wrapper = gptqmodel.GPTQModel.load(str(path), device=device, backend=backend, dtype=dtype)
+    with _gptqmodel_output():
+        wrapper = gptqmodel.GPTQModel.load(str(path), device=device, backend=backend, dtype=dtype)
     return wrapper.model.eval()
 
 
