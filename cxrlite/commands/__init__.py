@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -48,6 +49,8 @@ def runtime_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--n-gpu-layers", type=int, default=None,
                      help="LLM layers on the GPU (llama.cpp); default all when a GPU is usable."),
         click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads."),
+        click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Source checkpoint for the torch backends (default: the bundle's record)."),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -88,11 +88,6 @@ def _text_report(file: Path, result: dict[str, Any]) -> str:
     show_default=True,
     help="Longest findings / impression, in tokens.",
 )
-@click.option(
-    "--checkpoint",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Source checkpoint for the torch backends (default: the bundle's record).",
-)
 @click.pass_context
 @user_errors
 def report(ctx: click.Context, images: tuple[Path, ...], bundle_dir: Path, as_json: bool,

@@ -90,11 +90,6 @@ logger = logging.getLogger(__name__)
     show_default=True,
     help="Image embeddings kept in memory (0 disables the cache).",
 )
-@click.option(
-    "--checkpoint",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Source checkpoint for the torch backends.",
-)
 @click.pass_context
 @user_errors
 def serve(ctx: click.Context, bundle_dir: Path, host: str, port: int, api_key: str | None,
