@@ -18,7 +18,7 @@ import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
@@ -122,41 +122,10 @@ def dicom_bytes(
     return buffer.getvalue()
 
 
-def write_dicom(
-    path: str | os.PathLike,
-    pixels: np.ndarray,
-    *,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int | None = None,
-    signed: bool = False,
-    rescale: tuple[float, float] | None = None,
-    window: tuple[float, float] | Sequence[tuple[float, float]] | None = None,
-    voi_lut: VoiLut | None = None,
-    transfer_syntax: str = ExplicitVRLittleEndian,
-    modality: str = "DX",
-    view: str | None = "PA",
-    patient_sex: str | None = None,
-    patient_age: int | None = None,
-    jpeg_quality: int = 95,
-) -> Path:
-    """Write `pixels` to `path` as a DICOM file (atomically); arguments as in `dicom_bytes`."""
-    data = dicom_bytes(
-        pixels,
-        photometric=photometric,
-        bits_stored=bits_stored,
-        signed=signed,
-        rescale=rescale,
-        window=window,
-        voi_lut=voi_lut,
-        transfer_syntax=transfer_syntax,
-        modality=modality,
-        view=view,
-        patient_sex=patient_sex,
-        patient_age=patient_age,
-        jpeg_quality=jpeg_quality,
-    )
+def write_dicom(path: str | os.PathLike, pixels: np.ndarray, **options: Any) -> Path:
+    """Write `pixels` to `path` as a DICOM file (atomically); `options` as in `dicom_bytes`."""
     path = Path(path)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, dicom_bytes(pixels, **options))
     return path
 
 
