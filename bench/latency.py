@@ -11,7 +11,12 @@ What is measured (warm-up runs excluded, `runs` timed runs, p50/p90/p99 of each)
   default vision backend: decode, preprocess, vision, prefill (prompt + image embeddings; time to
   first token includes the image work before it), then exactly `max_tokens` greedy tokens with
   EOS ignored (the backend's prefill/step API is driven directly, so every run and every variant
-  decodes the same number of tokens): tokens/s, inter-token latency, end to end.
+  decodes the same number of tokens): tokens/s, inter-token latency, end to end;
+- a repeated image, per LLM job (`repeated_image`): time to first token through the runtime's
+  own request path (`Runtime.complete`, image bytes in, one token) cold, with the embedding cache
+  and the LLM's prompt-prefix cache emptied, then for the same image and prompt again (vision
+  skipped, the prompt's KV cache reused up to its last position) and for the same image with
+  another question (reused up to where the questions differ), with the positions reused.
 
 Memory. Each job runs in its own fresh process by default (`isolate=True`): its peak resident
 set (the larger of psutil samples every 5 ms and the kernel's ru_maxrss) is that backend's true
@@ -48,6 +53,7 @@ SCHEMA = "cxrlite-bench/1"
 DEFAULT_VISION = ("torch", "torch-bf16", "onnx-fp32", "onnx-fp16", "onnx-int8", "tensorrt")
 REFERENCE = "torch-fp32"
 PROMPT = "Describe the findings in this chest X-ray."
+REPEAT_QUESTION = "Is there a pleural effusion?"  # the follow-up question about the same image
 JOB_TIMEOUT_S = 3600
 
 
@@ -69,6 +75,7 @@ class BenchSettings:
     image: str | None = None  # a radiograph file; default a 1024 px phantom PNG
     isolate: bool = True
     bandwidth_mb: int = 512  # 0 skips the bandwidth measurement
+    repeated_image: bool = True  # TTFT of a repeated image (3 one-token requests a run)
 
     def __post_init__(self) -> None:
         if self.runs < 1 or self.warmup < 0 or self.max_tokens < 1:
@@ -403,6 +410,8 @@ def _llm_job(job: dict[str, Any], bundle: Any, memory: MemorySampler) -> dict[st
         if job["max_tokens"] > 1 and decode_s > 0:
             phases["tokens_per_s"].append((job["max_tokens"] - 1) / decode_s)
         phases["e2e_ms"].append(_ms(end - start))
+    if job.get("repeated_image", True):
+        phases.update(_repeated_image(job, bundle, vision, llm, tokenizer, data))
     llm.close()
     return {
         "name": llm.name,
@@ -415,6 +424,39 @@ def _llm_job(job: dict[str, Any], bundle: Any, memory: MemorySampler) -> dict[st
         "vision_load_delta_mb": _mb(after_vision - before),
         "load_delta_mb": _mb(after_llm - after_vision),
         **phases,
+    }
+
+
+def _repeated_image(
+    job: dict[str, Any], bundle: Any, vision: Any, llm: Any, tokenizer: Any, data: bytes
+) -> dict[str, Any]:
+    """TTFT cold vs repeated image through Runtime.complete (see the module docstring)."""
+    from cxrlite.runtime.cache import EmbeddingCache
+    from cxrlite.runtime.engine import Runtime
+
+    runtime = Runtime(bundle, vision, llm, tokenizer, cache=EmbeddingCache())
+    forget = getattr(llm, "clear_prefix_cache", None)  # backends without one never reuse
+    ttft: dict[str, list[float]] = {"cold": [], "same": [], "other": []}
+    cached: dict[str, int] = {}
+    for i in range(job["warmup"] + job["runs"]):
+        runtime.cache.clear()
+        if forget is not None:
+            forget()
+        runs = {
+            "cold": runtime.complete(PROMPT, data, max_tokens=1),
+            "same": runtime.complete(PROMPT, data, max_tokens=1),
+            "other": runtime.complete(REPEAT_QUESTION, data, max_tokens=1),
+        }
+        if i < job["warmup"]:
+            continue
+        for name, completion in runs.items():
+            ttft[name].append(completion.timings["ttft_ms"])
+            cached[name] = int(completion.timings.get("prompt_cached_tokens", 0))
+    return {
+        "repeat_cold_ttft_ms": ttft["cold"],
+        "repeat_same_ttft_ms": ttft["same"],
+        "repeat_other_ttft_ms": ttft["other"],
+        "repeat_cached_tokens": cached,
     }
 
 
@@ -532,6 +574,7 @@ def run_bench(bundle_dir: str | os.PathLike, settings: BenchSettings) -> dict[st
                 "max_tokens": settings.max_tokens,
                 "n_ctx": settings.n_ctx,
                 "n_gpu_layers": settings.n_gpu_layers,
+                "repeated_image": settings.repeated_image,
             }
             for s in _llm_specs(bundle, settings)
         ]

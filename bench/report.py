@@ -248,6 +248,10 @@ def add_ratios(result: dict[str, Any]) -> None:
         row["e2e_speedup_vs_torch"] = _ratio(
             _p50(ref_l, "e2e_ms") if ref_l else None, _p50(row, "e2e_ms")
         )
+        if "repeat_cold_ttft_ms" in row:  # TTFT p50 cold / repeated image
+            cold = _p50(row, "repeat_cold_ttft_ms")
+            row["repeat_same_speedup"] = _ratio(cold, _p50(row, "repeat_same_ttft_ms"))
+            row["repeat_other_speedup"] = _ratio(cold, _p50(row, "repeat_other_ttft_ms"))
 
 
 def kv_bytes_per_token(bundle_llm: dict[str, Any], positions: float, kv_bytes: int = 2) -> float:
@@ -365,6 +369,23 @@ def table_rows(result: dict[str, Any]) -> dict[str, tuple[list[str], list[list[s
          "% BW bound", "peak RSS MB", "size MB"],
         llm_rows,
     )  # fmt: skip
+    repeat_rows = []
+    for name, row in result["llm"].items():
+        if "repeat_cold_ttft_ms" not in row:
+            continue
+        cached = row.get("repeat_cached_tokens") or {}
+        repeat_rows.append([
+            name, row["device"], _pcts(row["repeat_cold_ttft_ms"]),
+            _pcts(row["repeat_same_ttft_ms"]), _f(row.get("repeat_same_speedup"), 2),
+            _pcts(row["repeat_other_ttft_ms"]), _f(row.get("repeat_other_speedup"), 2),
+            f"{cached.get('same', '-')}/{cached.get('other', '-')}",
+        ])  # fmt: skip
+    if repeat_rows:
+        tables["Repeated image: TTFT ms p50/p90/p99, cold = embedding and prompt caches empty"] = (
+            ["variant", "device", "cold", "same image + prompt", "x cold",
+             "same image, other question", "x cold", "reused positions"],
+            repeat_rows,
+        )  # fmt: skip
     fit = result.get("fit") or {}
     if fit:
         cards = list(next(iter(fit.values()))["cards"])

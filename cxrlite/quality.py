@@ -173,4 +173,4 @@ def held_out_phantoms(
             studies.append(replace(study, image=str(path.resolve())))
         index += 1
     records = [r for r in build_tasks(studies, seed=seed) if r.options]
-    return HeldOut(root, studies, records, [s.report for s in studies], temporary)
+    return HeldOut(root, studies, records, [s.narrative for s in studies], temporary)

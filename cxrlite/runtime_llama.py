@@ -8,6 +8,14 @@ order into the same KV cache, which is how "<s>USER: <image x N>\\n question ASS
 Runtimes feed our own token ids: llama.cpp's tokenizer may split text around special tokens
 differently from ours.
 
+Prompt-prefix reuse (`eval_reusing`, what llama.cpp's server calls `cache_prompt`): the object
+remembers one key per decoded position (the token id, or the embedding array's digest and row),
+so a new prompt that starts like the current sequence (the same image and chat text, a follow-up
+turn) drops only the KV cache past the shared prefix and decodes the rest. Prefill dominates time
+to first token on a CPU, so a repeated image then costs a single position instead of ~90. With
+`state_cache_bytes`, copies of recent prompts' KV cache (`SequenceStates`, a bounded LRU) let
+two studies asked about in turn both reuse theirs, though the context holds one sequence.
+
 llama.cpp's log lines go to the `cxrlite.llama_cpp` logger (DEBUG, warnings and errors at their
 level) instead of stderr.
 """
@@ -16,10 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +40,8 @@ logger = logging.getLogger(__name__)
 native_logger = logging.getLogger("cxrlite.llama_cpp")
 
 Segment = Sequence[int] | np.ndarray
+# A decoded position's identity: its token id, or (digest of the embedding array, row index).
+PositionKey = int | tuple[bytes, int]
 
 _init_lock = threading.Lock()
 _initialised = False
@@ -37,10 +50,117 @@ _log_callback: Any = None  # kept alive: llama.cpp holds a raw pointer to it
 
 # KV cache element types (ggml_type); "f32" (with flash_attn=False) is for parity checks.
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+# Saved prompt states of a runtime's llama.cpp backend (see SequenceStates): ~190 KB a prompt
+# for the small bundle, 7 MB for the 1B shape; the 7B shape's 380 MB never fit, so it keeps none.
+DEFAULT_STATE_CACHE_BYTES = 256 << 20
 
 
 class LlamaCppError(RuntimeError):
     """llama.cpp could not load the model or decode a batch; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class _Piece:
+    tokens: list[int] | None
+    embeds: np.ndarray | None  # float32 [n, n_embd], C-contiguous
+    keys: Sequence[PositionKey]
+
+
+def embedding_keys(embeds: np.ndarray) -> list[PositionKey]:
+    """One key per row: a digest of the whole array (shape included) and the row's index. One
+    digest per array is cheaper than one per row and errs on the safe side: a row only matches
+    a row of an identical array."""
+    array = np.ascontiguousarray(embeds, dtype=np.float32)
+    digest = hashlib.blake2b(repr(array.shape).encode(), digest_size=16)
+    digest.update(memoryview(array).cast("B"))
+    value = digest.digest()
+    return [(value, row) for row in range(array.shape[0])]
+
+
+def common_prefix_length(a: Sequence[PositionKey], b: Sequence[PositionKey]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _skip(pieces: list[_Piece], n: int) -> list[_Piece]:
+    """The pieces without their first n positions."""
+    out = []
+    for piece in pieces:
+        size = len(piece.keys)
+        if n >= size:
+            n -= size
+            continue
+        out.append(
+            _Piece(
+                piece.tokens[n:] if piece.tokens is not None else None,
+                piece.embeds[n:] if piece.embeds is not None else None,
+                piece.keys[n:],
+            )
+        )
+        n = 0
+    return out
+
+
+class SequenceStates:
+    """A bounded LRU of saved sequence states (seq 0's KV cache as llama.cpp serialises it),
+    each with the position keys it holds, so that two alternating prompts (two studies asked
+    about in turn) both find their prefix although the context holds only one sequence."""
+
+    def __init__(self, max_bytes: int, max_entries: int = 8) -> None:
+        if max_bytes < 0 or max_entries < 0:
+            raise ValueError(f"state cache bounds must be >= 0, got {max_bytes}, {max_entries}")
+        self.max_bytes, self.max_entries = max_bytes, max_entries
+        self._entries: OrderedDict[tuple[PositionKey, ...], ctypes.Array] = OrderedDict()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, keys: Sequence[PositionKey]) -> bool:
+        return tuple(keys) in self._entries
+
+    def best(self, wanted: Sequence[PositionKey]) -> tuple[tuple[PositionKey, ...], int]:
+        """The saved keys sharing the longest prefix with `wanted`, and that length."""
+        found: tuple[PositionKey, ...] = ()
+        longest = 0
+        for keys in self._entries:
+            n = common_prefix_length(keys, wanted)
+            if n > longest:
+                found, longest = keys, n
+        return found, longest
+
+    def get(self, keys: tuple[PositionKey, ...]) -> ctypes.Array:
+        self._entries.move_to_end(keys)
+        return self._entries[keys]
+
+    def put(self, keys: Sequence[PositionKey], data: ctypes.Array) -> bool:
+        """Store (evicting the least recently used); False when one entry exceeds the bound."""
+        size = ctypes.sizeof(data)
+        if size > self.max_bytes or self.max_entries == 0:
+            return False
+        key = tuple(keys)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.nbytes -= ctypes.sizeof(old)
+        self._entries[key] = data
+        self.nbytes += size
+        while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.nbytes -= ctypes.sizeof(evicted)
+        return True
+
+    def discard(self, keys: Sequence[PositionKey]) -> None:
+        data = self._entries.pop(tuple(keys), None)
+        if data is not None:
+            self.nbytes -= ctypes.sizeof(data)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
 
 
 def _route_native_logs(llama_cpp: Any) -> None:
@@ -97,6 +217,7 @@ class LlamaCppLLM:
         n_gpu_layers: int = 0,
         kv_type: str = "f16",
         flash_attn: bool | None = None,
+        state_cache_bytes: int = 0,
     ) -> None:
         self._llama_cpp = lib = import_llama_cpp()
         self.path = Path(gguf_path)
@@ -137,6 +258,11 @@ class LlamaCppLLM:
         self._token_batch = lib.llama_batch_init(n_batch, 0, 1)
         self._embd_batch = lib.llama_batch_init(n_batch, self.n_embd, 1)
         self.n_past = 0
+        # What the KV cache holds, one key per position (`position_keys`): eval_reusing
+        # compares a new prompt with it. len(self._keys) == self.n_past at all times.
+        self._keys: list[PositionKey] = []
+        # Saved prompt states for eval_reusing (0 bytes: none kept).
+        self.states = SequenceStates(state_cache_bytes) if state_cache_bytes else None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -170,6 +296,7 @@ class LlamaCppLLM:
         lib = self._llama_cpp
         lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
         self.n_past = 0
+        self._keys.clear()
 
     def metadata(self, key: str) -> str | None:
         """A GGUF metadata value as text (e.g. "tokenizer.chat_template"), or None."""
@@ -185,17 +312,38 @@ class LlamaCppLLM:
 
     # --- decoding ----------------------------------------------------------------------------
 
-    def _decode_chunk(self, tokens: Sequence[int] | None, embeds: np.ndarray | None, want: bool):
+    def _parse(self, segments: Sequence[Segment]) -> tuple[list[_Piece], int]:
+        """Segments as pieces with their position keys, validated before any decode so that bad
+        input never leaves a half-appended sequence behind."""
+        pieces: list[_Piece] = []
+        for segment in segments:
+            if isinstance(segment, np.ndarray) and segment.dtype.kind == "f":
+                embeds = np.ascontiguousarray(segment, dtype=np.float32)
+                if embeds.ndim != 2 or embeds.shape[1] != self.n_embd:
+                    raise LlamaCppError(
+                        f"embeddings must be [n, {self.n_embd}] float32, got {tuple(segment.shape)}"
+                    )
+                pieces.append(_Piece(None, embeds, embedding_keys(embeds)))
+            else:
+                tokens = [int(t) for t in segment]
+                for token in tokens:
+                    if not 0 <= token < self.n_vocab:
+                        raise LlamaCppError(
+                            f"token id {token} is outside the vocabulary ({self.n_vocab})"
+                        )
+                pieces.append(_Piece(tokens, None, tokens))
+        total = sum(len(piece.keys) for piece in pieces)
+        if total == 0:
+            raise LlamaCppError("nothing to decode: all segments are empty")
+        return pieces, total
+
+    def _decode_chunk(self, tokens: list[int] | None, embeds: np.ndarray | None, want: bool):
         lib = self._llama_cpp
         n = len(tokens) if tokens is not None else embeds.shape[0]
         batch = self._token_batch if tokens is not None else self._embd_batch
         if tokens is not None:
             for i, token in enumerate(tokens):
-                if not 0 <= token < self.n_vocab:
-                    raise LlamaCppError(
-                        f"token id {token} is outside the vocabulary ({self.n_vocab})"
-                    )
-                batch.token[i] = int(token)
+                batch.token[i] = token
         else:
             ctypes.memmove(batch.embd, embeds.ctypes.data, embeds.nbytes)
         for i in range(n):
@@ -215,26 +363,7 @@ class LlamaCppLLM:
         pointer = self._llama_cpp.llama_get_logits_ith(self._ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
 
-    def eval(self, segments: Sequence[Segment], all_logits: bool = False) -> np.ndarray:
-        """Append the segments to the sequence; return the last position's logits [n_vocab], or
-        with `all_logits` those of every appended position [n, n_vocab]."""
-        pieces: list[tuple[Sequence[int] | None, np.ndarray | None]] = []
-        total = 0
-        for segment in segments:
-            if isinstance(segment, np.ndarray) and segment.dtype.kind == "f":
-                embeds = np.ascontiguousarray(segment, dtype=np.float32)
-                if embeds.ndim != 2 or embeds.shape[1] != self.n_embd:
-                    raise LlamaCppError(
-                        f"embeddings must be [n, {self.n_embd}] float32, got {tuple(segment.shape)}"
-                    )
-                pieces.append((None, embeds))
-                total += embeds.shape[0]
-            else:
-                tokens = [int(t) for t in segment]
-                pieces.append((tokens, None))
-                total += len(tokens)
-        if total == 0:
-            raise LlamaCppError("nothing to decode: all segments are empty")
+    def _decode(self, pieces: list[_Piece], total: int, all_logits: bool) -> np.ndarray:
         if self.n_past + total > self.n_ctx:
             raise LlamaCppError(
                 f"{self.n_past} + {total} positions exceed the context of {self.n_ctx}; "
@@ -242,21 +371,92 @@ class LlamaCppLLM:
             )
         outputs: list[np.ndarray] = []
         done = 0
-        for tokens, embeds in pieces:
-            n = len(tokens) if tokens is not None else embeds.shape[0]
-            for start in range(0, n, self.n_batch):
-                stop = min(start + self.n_batch, n)
-                last = done + stop == total
-                want = all_logits or last
-                chunk_tokens = tokens[start:stop] if tokens is not None else None
-                chunk_embeds = embeds[start:stop] if embeds is not None else None
-                self._decode_chunk(chunk_tokens, chunk_embeds, want)
-                if all_logits:
-                    outputs.extend(self._logits(i) for i in range(stop - start))
-                elif last:
-                    outputs.append(self._logits(stop - start - 1))
-            done += n
+        try:
+            for piece in pieces:
+                n = len(piece.keys)
+                for start in range(0, n, self.n_batch):
+                    stop = min(start + self.n_batch, n)
+                    last = done + stop == total
+                    want = all_logits or last
+                    tokens = piece.tokens[start:stop] if piece.tokens is not None else None
+                    embeds = piece.embeds[start:stop] if piece.embeds is not None else None
+                    self._decode_chunk(tokens, embeds, want)
+                    self._keys.extend(piece.keys[start:stop])
+                    if all_logits:
+                        outputs.extend(self._logits(i) for i in range(stop - start))
+                    elif last:
+                        outputs.append(self._logits(stop - start - 1))
+                done += n
+        except BaseException:
+            # A decode that failed part-way (or was interrupted) leaves the KV cache in a state
+            # no key list describes: start again from nothing rather than reuse it.
+            self.reset()
+            raise
         return np.stack(outputs) if all_logits else outputs[-1]
+
+    def eval(self, segments: Sequence[Segment], all_logits: bool = False) -> np.ndarray:
+        """Append the segments to the sequence; return the last position's logits [n_vocab], or
+        with `all_logits` those of every appended position [n, n_vocab]. Bad input raises before
+        anything is decoded; a failed decode resets the sequence."""
+        pieces, total = self._parse(segments)
+        return self._decode(pieces, total, all_logits)
+
+    def eval_reusing(self, segments: Sequence[Segment]) -> tuple[np.ndarray, int]:
+        """Make the sequence exactly `segments`, keeping the KV cache of the longest prefix it
+        shares with what is already decoded (llama.cpp server's `cache_prompt`): returns the last
+        position's logits and how many positions were reused. The last position is always
+        decoded again, since its logits are needed."""
+        pieces, total = self._parse(segments)
+        if total > self.n_ctx:
+            raise LlamaCppError(
+                f"{total} positions exceed the context of {self.n_ctx}; "
+                "raise n_ctx or shorten the prompt"
+            )
+        wanted = [key for piece in pieces for key in piece.keys]
+        try:
+            reused = min(common_prefix_length(self._keys, wanted), total - 1)
+            if self.states is not None:
+                saved, shared = self.states.best(wanted)
+                if min(shared, total - 1) > reused:
+                    reused = min(shared, total - 1) if self._restore(saved) else 0
+            if reused < self.n_past:
+                lib = self._llama_cpp
+                if lib.llama_memory_seq_rm(lib.llama_get_memory(self._ctx), 0, reused, -1):
+                    self.n_past = reused
+                    del self._keys[reused:]
+                else:  # this memory cannot drop part of a sequence (recurrent models)
+                    self.reset()
+                    reused = 0
+            logits = self._decode(_skip(pieces, reused), total - reused, all_logits=False)
+            if self.states is not None and wanted not in self.states:
+                self._save()
+        except BaseException:
+            self.reset()  # never reuse a KV cache that a failure left half-changed
+            raise
+        return logits, reused
+
+    def _save(self) -> None:
+        """Keep a copy of the sequence's state (the prompt just decoded) in `states`."""
+        lib = self._llama_cpp
+        size = int(lib.llama_state_seq_get_size(self._ctx, 0))
+        if size > self.states.max_bytes:
+            return
+        data = (ctypes.c_uint8 * size)()
+        if int(lib.llama_state_seq_get_data(self._ctx, data, size, 0)) == size:
+            self.states.put(self._keys, data)
+
+    def _restore(self, keys: tuple[PositionKey, ...]) -> bool:
+        """Load a saved state into seq 0 (llama.cpp drops the sequence's cells first)."""
+        data = self.states.get(keys)
+        lib = self._llama_cpp
+        if int(lib.llama_state_seq_set_data(self._ctx, data, ctypes.sizeof(data), 0)) == 0:
+            logger.warning("llama.cpp could not restore a saved prompt state; decoding it again")
+            self.states.discard(keys)
+            self.reset()
+            return False
+        self.n_past = len(keys)
+        self._keys[:] = keys
+        return True
 
     def eval_tokens(self, token_ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         return self.eval([token_ids], all_logits)

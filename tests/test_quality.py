@@ -46,8 +46,10 @@ def test_held_out_phantoms_are_test_split_pngs_with_tasks(tmp_path):
         assert held.mc_records and all(r.options and r.answer in r.options for r in held.mc_records)
         assert {r.images[0] for r in held.mc_records if r.images} <= {s.image for s in held.studies}
         assert (
-            held.report_texts == [s.report for s in held.studies]
-            and "FINDINGS:" in held.report_texts[0]
+            # the text form stage 0 trains on: no section headers
+            held.report_texts == [s.narrative for s in held.studies]
+            and "FINDINGS:" not in held.report_texts[0]
+            and held.studies[0].findings in held.report_texts[0]
         )
     assert not root.exists()  # the temporary folder is removed
     kept = held_out_phantoms(1, seed=4, size=64, out_dir=tmp_path / "held")

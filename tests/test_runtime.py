@@ -211,6 +211,37 @@ def test_cache_skips_the_vision_tower(rt):
         rt.vision = counting.inner
 
 
+def test_same_file_bytes_skip_decoding(rt):
+    import io
+
+    from PIL import Image as PILImage
+
+    gray = (np.random.default_rng(7).random((96, 96)) * 255).astype(np.uint8)
+
+    def png(level: int) -> bytes:
+        out = io.BytesIO()
+        PILImage.fromarray(gray).save(out, format="PNG", compress_level=level)
+        return out.getvalue()
+
+    fast, slow = png(9), png(1)  # the same pixels in two different files
+    assert fast != slow and rt.lookup_file(fast) is None
+    first = rt.image_embeddings(fast)
+    assert first.cache_hit is False and rt.cache.stats()["aliases"] >= 1
+    again = rt.lookup_file(fast)  # no decode: found by the file's bytes
+    assert again is not None and again.cache_hit and np.array_equal(again.embeds, first.embeds)
+    assert rt.image_embeddings(fast).cache_hit is True
+    # another file with the same pixels: decoded, then found by its pixels
+    assert rt.lookup_file(slow) is None
+    other = rt.image_embeddings(slow)
+    assert other.cache_hit is True and np.array_equal(other.embeds, first.embeds)
+    assert rt.lookup_file(slow) is not None  # and remembered under its own bytes now
+    # an encoded image passed back in is used as is (no lookup at all)
+    hits = rt.cache.stats()["hits"]
+    assert rt.image_embeddings(first) is first and rt.cache.stats()["hits"] == hits
+    rt.cache.clear()
+    assert rt.lookup_file(fast) is None and rt.cache.stats()["aliases"] == 0
+
+
 def test_cache_is_bounded_lru():
     cache = EmbeddingCache(max_entries=2, max_bytes=1 << 20)
     a, b, c = (np.full((4, 8), v, np.float32) for v in (1, 2, 3))
@@ -316,9 +347,11 @@ def test_report_gives_findings_impression_labels_and_timings(rt, tmp_path):
         "labels",
         "variants",
         "cache_hit",
+        "finish_reason",
         "timings",
         "usage",
     }
+    assert set(result["finish_reason"].values()) <= {"stop", "length"}
     assert result["variants"] == {"vision": "onnx-fp32", "llm": "gguf-f32"}
     assert list(result["labels"]) == list(CHEXPERT_OBSERVATIONS)
     assert set(result["labels"].values()) <= set(LABEL_VALUES)

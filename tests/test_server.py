@@ -427,6 +427,23 @@ def test_timeout_answers_504_and_cancels_the_generation(make_client, runtime):
     )
 
 
+def test_report_timeout_cancels_between_tokens(make_client, runtime):
+    client = make_client(request_timeout_s=0.5)
+    state = client.app.state.server
+    with gated(runtime, free_steps=1) as gate:
+        response = client.post(
+            "/v1/reports", files={"file": ("study.png", phantom_png(8), "image/png")}
+        )
+        assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        job = state.scheduler.current  # held inside the findings' third token
+        assert job is not None and job.cancel_requested.is_set()
+        gate.gate.set()
+        assert job.finished.wait(WAIT_S)
+    # the findings stopped at 3 tokens and the impression never started
+    assert job.result["finish_reason"] == {"findings": "cancelled", "impression": "cancelled"}
+    assert job.result["usage"]["completion_tokens"] == 3
+
+
 def test_client_disconnect_cancels_the_stream(runtime):
     app = create_app(runtime, ServerSettings(max_tokens_cap=CAP))
     state = app.state.server

@@ -47,10 +47,6 @@ class ImageStore:
         return self.pixels[self.index[path]].float()
 
 
-def report_text(study: Study) -> str:
-    return " ".join(part for part in (study.findings, study.impression) if part)
-
-
 class TextDataset(torch.utils.data.Dataset):
     """Stage 0: next-token training on clinical text (every token is a target)."""
 
@@ -81,7 +77,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.images = images
         self.items = []
         for study in studies:
-            text = report_text(study)
+            text = study.narrative
             ids = tokenizer.encode(text, add_special_tokens=True)[: max_len - 1]
             found = label_report(text)
             target = torch.tensor([float(found[o] == POSITIVE) for o in CHEXPERT_OBSERVATIONS])

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 OBJECTIVES = ("text_lm", "vision_pretrain", "bridger_caption", "instruction")
+# Weights of the terms of a multi-term objective (the others have a single loss).
+LOSS_TERMS = {"vision_pretrain": ("contrastive", "caption", "report_labels")}
 
 # Instruction task mix of stage 3 (relative weights; see cxrlite.data.tasks.TASKS).
 DEFAULT_TASK_RATIOS: dict[str, float] = {
@@ -37,12 +39,22 @@ class StageDef:
     lora: bool = False  # train the LLM through LoRA adapters, merged into the weights after
     tasks: dict[str, float] = field(default_factory=dict)  # instruction task -> mix weight
     warmup_frac: float = 0.05
+    loss_weights: dict[str, float] = field(default_factory=dict)  # term -> weight (default 1)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(
                 f"stage {self.name}: objective must be one of {OBJECTIVES}, got {self.objective!r}"
             )
+        terms = LOSS_TERMS.get(self.objective, ())
+        unknown = sorted(set(self.loss_weights) - set(terms))
+        if unknown:
+            raise ValueError(
+                f"stage {self.name}: no loss term(s) {unknown} in objective {self.objective} "
+                f"(terms: {list(terms)})"
+            )
+        if any(w < 0 for w in self.loss_weights.values()):
+            raise ValueError(f"stage {self.name}: loss weights must be >= 0")
         if self.objective in ("bridger_caption", "instruction") and not self.tasks:
             raise ValueError(f"stage {self.name}: an instruction stage needs a task mix")
         if not any(v > 0 for v in self.lr.values()):

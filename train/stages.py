@@ -25,7 +25,6 @@ from cxrlite.train.data import (
     InstructionDataset,
     TextDataset,
     collate,
-    report_text,
 )
 from cxrlite.train.engine import train_stage
 from cxrlite.train.recipe import StageDef
@@ -69,7 +68,7 @@ def _start(
     if previous is not None:
         return vlm.load(previous, device=ctx.device)
     tok_dir = stage_dir / "tokenizer"
-    corpus = [report_text(s) for s in ctx.splits["train"]]
+    corpus = [s.narrative for s in ctx.splits["train"]]
     if ctx.dist.rank == 0:
         build_tokenizer(ctx.cfg, tok_dir, corpus)
     _barrier(ctx)
@@ -172,15 +171,15 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
     images = ctx.images
     if stage.objective == "text_lm":
         module, loss_fn = model, _lm_loss
-        train = TextDataset([report_text(s) for s in ctx.splits["train"]], tokenizer, max_len)
+        train = TextDataset([s.narrative for s in ctx.splits["train"]], tokenizer, max_len)
         val = TextDataset(
-            [report_text(s) for s in ctx.splits["validate"][: ctx.max_eval]], tokenizer, max_len
+            [s.narrative for s in ctx.splits["validate"][: ctx.max_eval]], tokenizer, max_len
         )
         groups = _parts(model)
     elif stage.objective == "vision_pretrain":
         text = TextSide(len(tokenizer), cfg.vision, max_len=max_len, pad_id=pad)
         module, loss_fn = (
-            VisionPretrainer(model.vision, cfg.vision, text).to(ctx.device),
+            VisionPretrainer(model.vision, cfg.vision, text, stage.loss_weights).to(ctx.device),
             _vision_loss,
         )
         train = ImageTextDataset(ctx.splits["train"], images, tokenizer, max_len)

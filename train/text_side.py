@@ -105,15 +105,13 @@ class VisionPretrainer(nn.Module):
         vision: nn.Module,
         vision_cfg: VisionConfig,
         text: TextSide,
-        caption_weight: float = 1.0,
-        label_weight: float = 1.0,
+        weights: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.vision = vision
         self.vision_cfg = vision_cfg
         self.text = text
-        self.caption_weight = caption_weight
-        self.label_weight = label_weight
+        self.weights = {"contrastive": 1.0, "caption": 1.0, "report_labels": 1.0, **(weights or {})}
 
     def forward(
         self,
@@ -142,7 +140,8 @@ class VisionPretrainer(nn.Module):
             label_logits, report_labels, reduction="none"
         )
         label = (per_label * report_label_mask).sum() / report_label_mask.sum().clamp(min=1)
-        loss = contrastive + self.caption_weight * caption + self.label_weight * label
+        w = self.weights
+        loss = w["contrastive"] * contrastive + w["caption"] * caption + w["report_labels"] * label
         return {
             "loss": loss,
             "contrastive": contrastive.detach(),

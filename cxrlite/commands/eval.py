@@ -165,7 +165,7 @@ def evaluate_runtime(
         )
         for by in ("sex", "age")
     }
-    texts = [s.report for s in studies if s.report]
+    texts = [s.narrative for s in studies if s.narrative]
     ppl = runtime.perplexity(texts)["perplexity"] if texts else math.nan
     return {
         "variants": dict(runtime.variants),

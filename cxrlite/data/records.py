@@ -49,6 +49,12 @@ class Study:
             parts.append(f"IMPRESSION: {self.impression}")
         return "\n".join(parts)
 
+    @property
+    def narrative(self) -> str:
+        """Findings and impression as one running text, without section headers: the form the
+        LLM is trained on in stage 0, so perplexity is measured on the same kind of text."""
+        return " ".join(part for part in (self.findings, self.impression) if part)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["labels"] = self.labels.to_dict() if self.labels else None

@@ -34,7 +34,7 @@ import numpy as np
 from cxrlite.data.decode import DecodedImage, load_image
 from cxrlite.data.errors import ImageError
 from cxrlite.data.preprocess import preprocess
-from cxrlite.runtime.cache import DEFAULT_MAX_BYTES, EmbeddingCache, pixels_key
+from cxrlite.runtime.cache import DEFAULT_MAX_BYTES, EmbeddingCache, bytes_key, pixels_key
 from cxrlite.runtime.generation import Completion, Generation
 from cxrlite.runtime.llm import LLMBackend, open_llm
 from cxrlite.runtime.plan import (
@@ -50,17 +50,21 @@ from cxrlite.runtime.vision import VisionBackend, open_vision
 
 logger = logging.getLogger(__name__)
 
-Image = str | os.PathLike | bytes | DecodedImage | np.ndarray
 Prompt = str | Sequence[dict[str, Any]]  # a user message, or chat messages
 MAX_DEFAULT_CTX = 4096
 
 
 @dataclass
 class ImageEmbeddings:
+    """An encoded image; passing it as `image` reuses it (no decode, no cache lookup)."""
+
     embeds: np.ndarray  # float32 [n_image_tokens, n_embd], read-only when cached
     cache_hit: bool
     preprocess_ms: float
     vision_ms: float
+
+
+Image = str | os.PathLike | bytes | DecodedImage | np.ndarray | ImageEmbeddings
 
 
 def _ms(seconds: float) -> float:
@@ -77,8 +81,12 @@ class Runtime:
         *,
         cache: EmbeddingCache | None = None,
         choices: dict[str, Choice] | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         self.bundle, self.vision, self.llm, self.tokenizer = bundle, vision, llm, tokenizer
+        # Reuse the KV cache of the prompt prefix shared with the previous sequence (llama.cpp
+        # backends): a repeated image costs one prefill position instead of the whole prompt.
+        self.prefix_cache = prefix_cache
         self.config = bundle.config
         self.pre = bundle.preprocess
         self.model_id = bundle.path.name
@@ -112,11 +120,14 @@ class Runtime:
         kv_type: str = "f16",
         flash_attn: bool | None = None,
         verify: bool | str = True,
+        prefix_cache: bool = True,
     ) -> Runtime:
         """Open a bundle with backends chosen from its defaults and this machine (see
         cxrlite.runtime.plan), each overridable. `n_gpu_layers` None offloads every layer when
         llama.cpp can and a GPU is present. `checkpoint` replaces the manifest's source path for
-        the torch reference. `kv_type="f32", flash_attn=False` is llama.cpp's exact f32 path."""
+        the torch reference. `kv_type="f32", flash_attn=False` is llama.cpp's exact f32 path.
+        `prefix_cache` keeps the KV cache of a prompt prefix shared with the previous generation
+        (llama.cpp backends; outputs are the same either way, only prefill gets shorter)."""
         from cxrlite.export.bundle import load_bundle
         from cxrlite.tokenizer import load_tokenizer
 
@@ -163,6 +174,7 @@ class Runtime:
             load_tokenizer(bundle.tokenizer_dir),
             cache=EmbeddingCache(cache_size, cache_bytes),
             choices={"vision": v_choice, "llm": l_choice},
+            prefix_cache=prefix_cache,
         )
         logger.info(
             "runtime: vision %s on %s (%s), llm %s on %s (%s)",
@@ -237,8 +249,20 @@ class Runtime:
         except ValueError as e:
             raise ImageError(source, str(e)) from None
 
-    def image_embeddings(self, image: Image, *, use_cache: bool = True) -> ImageEmbeddings:
-        """The image's embeddings, from the cache when its pixels were seen before."""
+    def image_embeddings(
+        self, image: Image, *, use_cache: bool = True, raw: bytes | None = None
+    ) -> ImageEmbeddings:
+        """The image's embeddings, from the cache when its pixels were seen before. `raw`: the
+        bytes of the file the image was decoded from (bytes input is its own), so that the same
+        file sent again skips decoding as well (`lookup_file`)."""
+        if isinstance(image, ImageEmbeddings):
+            return image
+        if raw is None and isinstance(image, bytes | bytearray | memoryview):
+            raw = bytes(image)
+        if use_cache and raw is not None:
+            found = self.lookup_file(raw)
+            if found is not None:
+                return found
         t0 = time.perf_counter()
         pixels = self.prepare_image(image)
         key = pixels_key(pixels, self.vision.name)
@@ -254,9 +278,19 @@ class Runtime:
                     embeds = self._encode(pixels)
                     if use_cache:
                         embeds = self.cache.put(key, embeds)
+        if use_cache and raw is not None:
+            self.cache.add_alias(bytes_key(raw, self.vision.name), key)
         return ImageEmbeddings(
             embeds, hit, _ms(t1 - t0), 0.0 if hit else _ms(time.perf_counter() - t1)
         )
+
+    def lookup_file(self, raw: bytes) -> ImageEmbeddings | None:
+        """The cached embeddings of a file seen before (same bytes), without decoding it."""
+        t0 = time.perf_counter()
+        found = self.cache.get_alias(bytes_key(raw, self.vision.name))
+        if found is None:
+            return None
+        return ImageEmbeddings(found[1], True, _ms(time.perf_counter() - t0), 0.0)
 
     def _encode(self, pixels: np.ndarray) -> np.ndarray:
         out = self.vision.encode(pixels[None])
@@ -323,9 +357,13 @@ class Runtime:
         stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] = (),
         use_cache: bool = True,
+        prefix_cache: bool | None = None,
+        cancelled: threading.Event | None = None,
     ) -> Generation:
         """Stream a completion (see `Generation`). The image is decoded and encoded here, so a
-        bad image raises ImageError before any token; the LLM runs as the caller iterates."""
+        bad image raises ImageError before any token; the LLM runs as the caller iterates.
+        `use_cache` is the image embedding cache; `prefix_cache` (None: the runtime's setting)
+        the KV reuse of a shared prompt prefix, reported as timings["prompt_cached_tokens"]."""
         started = time.perf_counter()
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -359,6 +397,8 @@ class Runtime:
             started=started,
             timings=timings,
             cache_hit=cache_hit,
+            prefix_cache=self.prefix_cache if prefix_cache is None else prefix_cache,
+            cancelled=cancelled,
         )
 
     def complete(self, prompt: Prompt, image: Image | None = None, **kwargs: Any) -> Completion:
@@ -366,18 +406,25 @@ class Runtime:
         with self.generate(prompt, image, **kwargs) as generation:
             return generation.collect()
 
-    def report(self, image: Image, *, max_tokens: int = 128) -> dict[str, Any]:
-        """Findings, then impression (a second generation; the embeddings come from the cache),
-        CheXpert labels of both by the report labeler, variants and per-phase timings."""
+    def report(
+        self, image: Image, *, max_tokens: int = 128, cancelled: threading.Event | None = None
+    ) -> dict[str, Any]:
+        """Findings, then impression (a second generation on the same embeddings), CheXpert
+        labels of both by the report labeler, variants and per-phase timings. Setting
+        `cancelled` (any thread) stops it before its next token; the impression is then not
+        started and `finish_reason` is "cancelled"."""
         from cxrlite.data.labeler import label_report
         from cxrlite.data.tasks import IMPRESSION_PROMPTS
         from cxrlite.evaluation import FINDINGS_PROMPT
 
         t0 = time.perf_counter()
-        pixels = self.prepare_image(image)
-        preprocess_ms = _ms(time.perf_counter() - t0)
-        findings = self.complete(FINDINGS_PROMPT, pixels, max_tokens=max_tokens)
-        impression = self.complete(IMPRESSION_PROMPTS[0], pixels, max_tokens=max_tokens)
+        encoded = self.image_embeddings(image)
+        findings = self.complete(
+            FINDINGS_PROMPT, encoded, max_tokens=max_tokens, cancelled=cancelled
+        )
+        impression = self.complete(
+            IMPRESSION_PROMPTS[0], encoded, max_tokens=max_tokens, cancelled=cancelled
+        )
         text = f"FINDINGS: {findings.text.strip()}\nIMPRESSION: {impression.text.strip()}"
         phase = ("queue_ms", "prefill_ms", "decode_ms", "tokens_per_s", "total_ms")
         return {
@@ -386,9 +433,13 @@ class Runtime:
             "labels": label_report(text),
             "variants": self.variants,
             "cache_hit": findings.cache_hit,
+            "finish_reason": {
+                "findings": findings.finish_reason,
+                "impression": impression.finish_reason,
+            },
             "timings": {
-                "preprocess_ms": preprocess_ms,
-                "vision_ms": findings.timings["vision_ms"] + impression.timings["vision_ms"],
+                "preprocess_ms": encoded.preprocess_ms,
+                "vision_ms": encoded.vision_ms,
                 "findings": {k: findings.timings.get(k, 0.0) for k in phase},
                 "impression": {k: impression.timings.get(k, 0.0) for k in phase},
                 "total_ms": _ms(time.perf_counter() - t0),

@@ -71,12 +71,16 @@ class Generation:
         started: float,
         timings: dict[str, float],
         cache_hit: bool | None,
+        prefix_cache: bool = False,
+        cancelled: threading.Event | None = None,
     ) -> None:
         self._backend, self._tokenizer, self._segments = backend, tokenizer, segments
+        self._prefix_cache = prefix_cache
         self._params, self._stop_ids, self._session = params, stop_ids, session
         self._started, self._cache_hit, self.n_prompt = started, cache_hit, n_prompt
         self.timings = dict(timings)
-        self._cancelled = threading.Event()
+        # shared with the caller when given, so one event can stop a chain of generations
+        self._cancelled = cancelled if cancelled is not None else threading.Event()
         self.result: Completion | None = None
         self._events = self._run()
 
@@ -127,6 +131,17 @@ class Generation:
             },
         )
 
+    def _prefill(self) -> Any:
+        """The prompt's last logits; with the prefix cache on and a backend that can (llama.cpp),
+        the KV cache of the prompt prefix it already holds is kept and only the rest decoded."""
+        reuse = getattr(self._backend, "prefill_reusing", None)
+        if self._prefix_cache and reuse is not None:
+            logits, cached = reuse(self._segments)
+        else:
+            logits, cached = self._backend.prefill(self._segments), 0
+        self.timings["prompt_cached_tokens"] = cached
+        return logits
+
     def _run(self) -> Iterator[TokenEvent]:
         backend, params = self._backend, self._params
         stream = TextStream(self._tokenizer, params.stop)
@@ -140,7 +155,7 @@ class Generation:
             with self._session():
                 begun = time.perf_counter()
                 self.timings["queue_ms"] = _ms(begun - waited)
-                logits = None if self._cancelled.is_set() else backend.prefill(self._segments)
+                logits = None if self._cancelled.is_set() else self._prefill()
                 while logits is not None:
                     token, logprob = sampler(logits)
                     if first is None:

@@ -2,7 +2,9 @@
 -> logits, one sequence at a time.
 
 The contract is small so that decoding, sampling, stop handling and timing live once, in the
-engine: `prefill(segments)` starts a new sequence and returns the last position's logits,
+engine: `prefill(segments)` starts a new sequence and returns the last position's logits
+(`LlamaCppBackend.prefill_reusing` also keeps the KV cache of a prefix shared with the previous
+sequence; the engine uses it when a backend has it),
 `step(token)` appends one token and returns the next logits, `score(segments, answer_ids)`
 returns each answer token's log-probability (multiple choice, perplexity).
 
@@ -71,8 +73,9 @@ class LlamaCppBackend:
         n_gpu_layers: int = 0,
         kv_type: str = "f16",
         flash_attn: bool | None = None,
+        state_cache_bytes: int | None = None,
     ) -> None:
-        from cxrlite.runtime_llama import LlamaCppLLM, import_llama_cpp
+        from cxrlite.runtime_llama import DEFAULT_STATE_CACHE_BYTES, LlamaCppLLM, import_llama_cpp
 
         if n_gpu_layers and not import_llama_cpp().llama_supports_gpu_offload():
             logger.warning("this llama.cpp build has no GPU offload; running on the CPU")
@@ -86,6 +89,9 @@ class LlamaCppBackend:
             n_gpu_layers=n_gpu_layers,
             kv_type=kv_type,
             flash_attn=flash_attn,
+            state_cache_bytes=(
+                DEFAULT_STATE_CACHE_BYTES if state_cache_bytes is None else state_cache_bytes
+            ),
         )
         self.n_ctx, self.n_vocab = self.llm.n_ctx, self.llm.n_vocab
         self.settings = {"n_gpu_layers": n_gpu_layers, "kv_type": kv_type, "flash_attn": flash_attn}
@@ -97,6 +103,17 @@ class LlamaCppBackend:
     def prefill(self, segments: Sequence[Segment]) -> np.ndarray:
         self.llm.reset()
         return self.llm.eval(segments)
+
+    def prefill_reusing(self, segments: Sequence[Segment]) -> tuple[np.ndarray, int]:
+        """`prefill` that keeps the KV cache of the prefix shared with the current sequence
+        (see LlamaCppLLM.eval_reusing): (last logits, positions reused)."""
+        return self.llm.eval_reusing(segments)
+
+    def clear_prefix_cache(self) -> None:
+        """Forget the sequence and every saved prompt state: the next prefill starts cold."""
+        self.llm.reset()
+        if self.llm.states is not None:
+            self.llm.states.clear()
 
     def step(self, token_id: int) -> np.ndarray:
         return self.llm.eval([[int(token_id)]])

@@ -231,10 +231,16 @@ class ServerState:
         timeout = min(s.image_fetch_timeout_s, remaining)
         return await image_bytes(url, s.allow_image_hosts, timeout, s.max_body_bytes)
 
-    def decode(self, source: str | bytes) -> Any:
+    def encode_image(self, runtime: Any, source: str | bytes) -> Any:
+        """A data URL's or an upload's embeddings: a file sent before skips decoding (the
+        runtime's cache knows its bytes); a new one is decoded under the pixel cap first."""
         raw = decode_data_url(source) if isinstance(source, str) else source
+        found = runtime.lookup_file(raw)
+        if found is not None:
+            return found
         # "upload", never a file name or URL: those can carry patient names.
-        return load_image(raw, name="upload", max_pixels=self.settings.max_pixels)
+        image = load_image(raw, name="upload", max_pixels=self.settings.max_pixels)
+        return runtime.image_embeddings(image, raw=raw)
 
     def prepare_generation(
         self, runtime: Any, prompt: ChatPrompt, source: str | bytes | None, kwargs: dict
@@ -257,8 +263,9 @@ class ServerState:
                 param="messages",
             )
         started = time.perf_counter()
-        image = self.decode(source) if source is not None else None
-        decode_ms = _ms(time.perf_counter() - started)
+        image = self.encode_image(runtime, source) if source is not None else None
+        elapsed_ms = _ms(time.perf_counter() - started)
+        decode_ms = elapsed_ms - (image.preprocess_ms + image.vision_ms) if image else 0.0
         try:
             generation = runtime.generate(prompt.messages, image, **kwargs)
         except ImageError:
@@ -495,24 +502,23 @@ def create_app(runtime: Any, settings: ServerSettings | None = None) -> FastAPI:
             raw = await file.read()
             if not raw:
                 raise APIError(400, "the uploaded file is empty", code="empty_file", param="file")
-            image, embedded = await state.in_image_pool(
-                _decode_and_encode, state, runtime, raw, deadline=deadline
+            embedded = await state.in_image_pool(
+                state.encode_image, runtime, raw, deadline=deadline
             )
             job = state.scheduler.submit(
                 ticket,
                 Job(
-                    lambda _: runtime.report(image, max_tokens=max_tokens),
+                    # the job's cancel event stops the report between any two tokens
+                    lambda job: runtime.report(
+                        embedded, max_tokens=max_tokens, cancelled=job.cancel_requested
+                    ),
                     asyncio.get_running_loop(),
                 ),
             )
         finally:
             ticket.release()
         result = await state.run_job(request, job, deadline)
-        # The worker found the embeddings cached (encoded above, off the LLM's thread): report
-        # the request's own lookup instead.
-        result["cache_hit"] = embedded.cache_hit
         result["timings"].update(
-            vision_ms=embedded.vision_ms,
             queue_ms=_ms(job.queue_s),
             request_ms=_ms(time.perf_counter() - request.state.started),
         )
@@ -532,11 +538,6 @@ def create_app(runtime: Any, settings: ServerSettings | None = None) -> FastAPI:
         )
 
     return app
-
-
-def _decode_and_encode(state: ServerState, runtime: Any, raw: bytes) -> tuple[Any, Any]:
-    image = state.decode(raw)
-    return image, runtime.image_embeddings(image)
 
 
 async def _stream(
