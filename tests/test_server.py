@@ -128,7 +128,11 @@ def test_chat_completion_matches_the_runtime(client, runtime):
     (choice,) = body["choices"]
     assert choice["message"] == {"role": "assistant", "content": want.text}
     assert choice["finish_reason"] == want.finish_reason == "length"  # max_tokens: the cap
-    assert body["usage"] == want.usage and body["usage"]["completion_tokens"] == CAP
+    counts = {k: v for k, v in body["usage"].items() if k != "prompt_tokens_details"}
+    assert counts == want.usage and body["usage"]["completion_tokens"] == CAP
+    # `want` ran the same prompt just before: all of it but the last position came from the KV
+    cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == want.usage["prompt_tokens"] - 1
     timings = body["timings"]
     assert set(timings) == {
         "queue_ms",
@@ -186,7 +190,9 @@ def test_stream_chunks_are_well_formed_and_add_up(client, runtime):
         "finish_reason": "length",
     }
     assert finish["cache_hit"] is True and finish["timings"]["ttft_ms"] > 0
-    assert usage["choices"] == [] and usage["usage"] == plain["usage"]
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert usage["choices"] == [] and all(usage["usage"][k] == plain["usage"][k] for k in counts)
+    assert usage["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # same image and prompt
     # Without include_usage there is no usage chunk.
     bare = sse_events(
         client.post(

@@ -47,6 +47,7 @@ from cxrlite.server.schemas import (
     completion_body,
     error_body,
     install_error_handlers,
+    openai_usage,
 )
 from cxrlite.server.security import (
     BodySizeLimit,
@@ -482,7 +483,7 @@ def create_app(runtime: Any, settings: ServerSettings | None = None) -> FastAPI:
                 runtime.model_id,
                 result.text,
                 result.finish_reason,
-                result.usage,
+                openai_usage(result.usage, result.timings),
                 timings,
                 result.cache_hit,
             )
@@ -589,7 +590,15 @@ async def _stream(
                 )
             )
             if include_usage:
-                yield _sse(chunk_body(completion_id, model, created, None, usage=result.usage))
+                yield _sse(
+                    chunk_body(
+                        completion_id,
+                        model,
+                        created,
+                        None,
+                        usage=openai_usage(result.usage, result.timings),
+                    )
+                )
             yield _sse("[DONE]")
             completed = True
         except JobTimeout:

@@ -230,6 +230,13 @@ def chat_prompt(request: ChatCompletionRequest) -> ChatPrompt:
 # --- responses -------------------------------------------------------------------------------
 
 
+def openai_usage(usage: dict[str, int], timings: dict[str, float]) -> dict[str, Any]:
+    """Token counts as OpenAI reports them: prompt positions served from the KV cache of an
+    earlier request (the prompt-prefix cache) under prompt_tokens_details.cached_tokens."""
+    cached = int(timings.get("prompt_cached_tokens", 0))
+    return {**usage, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
 def completion_body(
     completion_id: str,
     model: str,
