@@ -169,6 +169,8 @@ def summarize_level(
         "requests_per_s": len(ok) / wall_s if wall_s > 0 else 0.0,
         "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
         "tokens": tokens,
+        # Per request: shows whether every request generated max_tokens (a fixed output length)
+        "tokens_per_request": summarize([r.tokens for r in ok]),
         "ttft_ms": summarize([r.ttft_ms for r in ok if r.ttft_ms is not None]),
         "itl_ms": summarize([x for r in ok for x in r.itl_ms]),
         "latency_ms": summarize([r.latency_ms for r in ok]),
@@ -178,13 +180,17 @@ def summarize_level(
 async def run_level(
     client: Any,
     url: str,
-    payload: dict[str, Any],
+    payload: dict[str, Any] | Sequence[dict[str, Any]],
     headers: dict[str, str],
     concurrency: int,
     requests: int,
     duration: float | None,
 ) -> dict[str, Any]:
-    """`concurrency` clients, back to back, until `requests` are sent or `duration` s pass."""
+    """`concurrency` clients, back to back, until `requests` are sent or `duration` s pass.
+    A list of payloads is sent in turn (request i sends payloads[i % len]): a mixed load."""
+    payloads = [payload] if isinstance(payload, dict) else list(payload)
+    if not payloads:
+        raise LoadTestError("run_level needs at least one payload")
     results: list[RequestResult] = []
     sent = 0
     start = time.perf_counter()
@@ -193,14 +199,17 @@ async def run_level(
     async def client_loop() -> None:
         nonlocal sent
         while sent < requests and (deadline is None or time.perf_counter() < deadline):
+            index = sent
             sent += 1  # no await between the check and the increment: no overshoot
-            results.append(await one_request(client, url, payload, headers))
+            body = payloads[index % len(payloads)]
+            results.append(await one_request(client, url, body, headers))
 
     await asyncio.gather(*(client_loop() for _ in range(concurrency)))
     return summarize_level(concurrency, results, time.perf_counter() - start)
 
 
-async def _discover_model(client: Any, base: str, headers: dict[str, str]) -> str:
+async def discover_model(client: Any, base: str, headers: dict[str, str]) -> str:
+    """The first model id the server lists at /v1/models, else "default"."""
     try:
         response = await client.get(base + "/v1/models", headers=headers)
         data = response.json().get("data") or []
@@ -241,7 +250,7 @@ async def run_loadtest_async(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=max(concurrency) + 1)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        model = model or await _discover_model(client, base, headers)
+        model = model or await discover_model(client, base, headers)
         name = Path(image).name if image else "image.png"
         payload = build_payload(model, prompt, image_bytes, max_tokens, name)
         for _ in range(warmup):
