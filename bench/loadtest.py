@@ -173,6 +173,15 @@ def summarize_level(
         "tokens_per_request": summarize([r.tokens for r in ok]),
         "ttft_ms": summarize([r.ttft_ms for r in ok if r.ttft_ms is not None]),
         "itl_ms": summarize([x for r in ok for x in r.itl_ms]),
+        # Time per output token after the first, per request: unlike ITL, not fooled by a server
+        # that sends tokens in bursts (several SSE events arriving in one read).
+        "tpot_ms": summarize(
+            [
+                (r.latency_ms - r.ttft_ms) / (r.tokens - 1)
+                for r in ok
+                if r.ttft_ms is not None and r.tokens > 1
+            ]
+        ),
         "latency_ms": summarize([r.latency_ms for r in ok]),
     }
 

@@ -5,8 +5,10 @@ and a 2-request compare against llama_cpp.server, both on the tiny bundle."""
 from __future__ import annotations
 
 import json
+import operator
 import re
 import sys
+from collections import Counter
 
 import psutil
 import pytest
@@ -16,16 +18,18 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
 pytest.importorskip("httpx", reason="httpx is not installed")
 
 from cxrlite.bench.server_compare import (  # noqa: E402
+    compare_level,
+    compare_markdown,
+    run_compare,
+    run_soak,
+)
+from cxrlite.bench.servers import (  # noqa: E402
     ServerCompareError,
     ServerSpec,
     bundle_llm,
-    compare_level,
-    compare_markdown,
     cxrlite_spec,
     free_port,
     llama_cpp_spec,
-    run_compare,
-    run_soak,
     running_server,
 )
 
@@ -60,12 +64,12 @@ def test_both_servers_get_the_bundles_gguf_context_and_threads(bundle):
         bundle_llm(bundle, "gptq-4bit")
 
 
-def _level(rps: float, ttft: float, itl: float, latency: float) -> dict:
+def _level(rps: float, ttft: float, tpot: float, latency: float, itl: float = 1.0) -> dict:
     def stats(x: float) -> dict:
         return {"n": 4, "p50": x, "p90": 2 * x}
 
     return {"requests_per_s": rps, "tokens_per_s": 32 * rps, "ttft_ms": stats(ttft),
-            "itl_ms": stats(itl), "latency_ms": stats(latency)}  # fmt: skip
+            "itl_ms": stats(itl), "tpot_ms": stats(tpot), "latency_ms": stats(latency)}  # fmt: skip
 
 
 def test_ratio_verdict_allows_the_tolerance_and_no_more():
@@ -76,6 +80,10 @@ def test_ratio_verdict_allows_the_tolerance_and_no_more():
     slower = compare_level(_level(12.0, 21.2, 1.0, 50.0), theirs, tolerance=0.05)
     assert slower["ttft_ms_p50"] == pytest.approx(1.06) and not slower["equal_or_better"]
     assert not compare_level(_level(9.4, 10.0, 1.0, 50.0), theirs, 0.05)["equal_or_better"]
+    assert not compare_level(_level(12.0, 10.0, 2.2, 50.0), theirs, 0.05)["equal_or_better"]
+    # ITL is reported, not judged (a bursty stream has a near-zero ITL)
+    bursty = compare_level(_level(10.0, 20.0, 2.0, 100.0, itl=9.0), theirs, tolerance=0.05)
+    assert bursty["itl_ms_p50"] == pytest.approx(9.0) and bursty["equal_or_better"]
 
 
 def test_a_server_that_exits_or_never_gets_ready_is_reported_and_stopped(tmp_path):
@@ -118,7 +126,12 @@ def test_soak_of_cxrlite_serve(bundle, tmp_path):
     assert rss["max_mb"] == max(s[1] for s in samples)
     assert rss["max_drift"] == pytest.approx(rss["max_mb"] / rss["start_mb"] - 1)
     assert result["passed"] == rss["flat"]  # everything else passed above
-    assert "ready in" in (tmp_path / "cxrlite.log").read_text()
+    log = (tmp_path / "cxrlite.log").read_text()
+    assert "ready in" in log
+    # Image and text requests in turn (warm-up included): two prompt sizes, equally often.
+    prompts = Counter(re.findall(r"completions -> 200 .* tokens (\d+) prompt", log))
+    assert len(prompts) == 2 and sum(prompts.values()) == result["requests"] + 2
+    assert abs(operator.sub(*prompts.values())) <= 1
 
 
 def test_compare_two_requests_at_concurrency_one(bundle, tmp_path):
@@ -132,6 +145,9 @@ def test_compare_two_requests_at_concurrency_one(bundle, tmp_path):
         assert probe["status"] == 200 and 0 < probe["completion_tokens"] <= 4
         assert probe["prompt_tokens"] > 0
         assert result["servers"][name]["exit_codes"] and level["tokens_per_request"]["max"] <= 4
+        if level["tokens_per_request"]["min"] > 1:  # time per token after the first
+            assert level["tpot_ms"]["n"] == 2
+            assert 0 < level["tpot_ms"]["p50"] < level["latency_ms"]["p50"]
     assert result["bundle"]["n_ctx"] == 256 and result["bundle"]["llm_variant"] == "gguf-f32"
     ratio = row["ratio"]["requests_per_s"]
     assert ratio == pytest.approx(
