@@ -15,7 +15,7 @@ from runtime_testkit import runtime_bundle
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
 
-from cxrlite.bench.bandwidth import measure_bandwidth  # noqa: E402
+from cxrlite.bench.bandwidth import last_level_cache_bytes, measure_bandwidth  # noqa: E402
 from cxrlite.bench.latency import run_job_isolated  # noqa: E402
 from cxrlite.bench.loadtest import LoadTestError, check_loopback, run_loadtest  # noqa: E402
 from cxrlite.bench.report import add_bandwidth_bounds, summarize  # noqa: E402
@@ -121,6 +121,12 @@ def test_bandwidth_bound_arithmetic():
     assert bound["kv_bytes_per_token"] == kv
     assert bound["bound_tokens_per_s"] == pytest.approx(10e9 / (1e8 + kv))
     assert bound["percent_of_bound"] == pytest.approx(100 * 50 / (10e9 / (1e8 + kv)))
+    # 100 MB per token is no CPU cache's size; a few KB is every CPU cache's
+    cache = last_level_cache_bytes()
+    assert bound["fits_in_cache"] is False and bound["last_level_cache_bytes"] == cache
+    result["llm"]["x"]["weights"]["bytes_read_per_token"] = 1000
+    add_bandwidth_bounds(result)
+    assert result["llm"]["x"]["bandwidth_bound"]["fits_in_cache"] is (cache is not None)
 
 
 def test_fit_check_kv_cache_of_the_7b_shape():
