@@ -67,6 +67,11 @@ def test_eval_checkpoint_and_bundle(tmp_path_factory, data, tmp_path):
     # the bundle's reference is the checkpoint itself: same seed, same numbers
     assert bundle_payload["results"]["torch-fp32"]["mc"] == result["mc"]
     assert bundle_payload["results"]["torch-fp32"]["findings"] == result["findings"]
+    # gguf f32 decodes greedily to the reference's very text (parity ~1e-6 on the logits)
+    results = bundle_payload["results"]
+    assert results["torch-fp32"]["same_text_as_reference"] == 1.0
+    assert results["gguf-f32"]["generated"] == results["torch-fp32"]["generated"]
+    assert results["gguf-f32"]["same_text_as_reference"] == 1.0
 
 
 def test_eval_rejects_unknown_variants(tmp_path_factory, data):
@@ -75,3 +80,12 @@ def test_eval_rejects_unknown_variants(tmp_path_factory, data):
         eval_command, [str(bundle), "--data", str(data), "--variants", "nope"]
     )
     assert result.exit_code != 0 and "unknown variants ['nope']" in result.output
+
+
+def test_agreement_counts_identical_texts():
+    from cxrlite.commands.eval import add_agreement
+
+    results = {"ref": {"generated": ["a b", "c", "d"]}, "q4": {"generated": ["a b", "c.", "d"]}}
+    add_agreement(results)
+    assert results["ref"]["same_text_as_reference"] == 1.0
+    assert results["q4"]["same_text_as_reference"] == 2 / 3

@@ -177,7 +177,18 @@ def evaluate_runtime(
         "fairness": fairness,
         "perplexity": ppl,
         "wall_s": round(time.perf_counter() - started, 2),
+        "generated": generated,
     }
+
+
+def add_agreement(results: dict[str, dict[str, Any]]) -> None:
+    """Per variant, the share of studies whose generated findings are the same text as the first
+    result's (the PyTorch reference when it ran): greedy decoding makes any difference a change
+    of the model's output, not of sampling."""
+    reference = next(iter(results.values()))["generated"]
+    for r in results.values():
+        same = [int(a == b) for a, b in zip(r["generated"], reference, strict=True)]
+        r["same_text_as_reference"] = sum(same) / len(same) if same else math.nan
 
 
 # --- tables ----------------------------------------------------------------------------------
@@ -198,7 +209,8 @@ def eval_tables(results: dict[str, dict[str, Any]]) -> dict[str, tuple[list[str]
         main_rows.append([
             name, _ci(r["mc"]["all"]), _ci(f5["macro_f1"]), _ci(f5["micro_f1"]),
             _ci(f14["macro_f1"]), _ci(f14["micro_f1"]), _ci(r["text"]["rouge_l"]),
-            _ci(r["text"]["bleu"], 1.0), f"{r['perplexity']:.2f}", f"{r['wall_s']:.1f}",
+            _ci(r["text"]["bleu"], 1.0), f"{r['perplexity']:.2f}",
+            f"{100 * r.get('same_text_as_reference', math.nan):.0f}", f"{r['wall_s']:.1f}",
         ])  # fmt: skip
     tables = {
         "Comparison (95% bootstrap CI)": (
@@ -212,6 +224,7 @@ def eval_tables(results: dict[str, dict[str, Any]]) -> dict[str, tuple[list[str]
                 "ROUGE-L",
                 "BLEU",
                 "ppl",
+                "same text %",
                 "s",
             ],
             main_rows,
@@ -294,6 +307,7 @@ def eval_command(target: Path, data_dir: Path, variants: str, n: int | None, boo
             runtime.close()
     if not results:
         raise ValueError(f"no variant could be evaluated: {skipped}")
+    add_agreement(results)
     payload = {"target": str(target), "data": str(data_dir), "n_studies": len(studies), "n_mc": len(records),
                "bootstrap": bootstrap, "seed": seed, "max_tokens": max_tokens, "results": results,
                "skipped": skipped}
