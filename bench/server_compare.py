@@ -283,11 +283,11 @@ def compare_markdown(result: dict[str, Any]) -> str:
 # --- soak ------------------------------------------------------------------------------------
 
 
-def phantom_png() -> tuple[bytes, str]:
+def phantom_png(index: int = 0) -> tuple[bytes, str]:
     """A phantom radiograph (synthetic: no patient) for soak runs without --image."""
     from cxrlite.data.phantoms import make_phantom_study, png_bytes
 
-    return png_bytes(make_phantom_study(0, 0, size=256)[1]), "phantom.png"
+    return png_bytes(make_phantom_study(index, 0, size=256)[1]), f"phantom-{index}.png"
 
 
 async def _soak_load(
@@ -314,9 +314,8 @@ async def _soak_load(
         ]
         # Warm-up at the full concurrency, so that per-thread allocator arenas and caches exist
         # before the start-of-load RSS is taken: only growth under steady load counts as drift.
-        warm = await run_level(
-            client, url + CHAT_PATH, payloads, {}, clients, clients * warmup_rounds, None
-        )
+        warm_requests = max(clients, len(payloads)) * warmup_rounds
+        warm = await run_level(client, url + CHAT_PATH, payloads, {}, clients, warm_requests, None)
         on_loaded()
         level = await run_level(
             client, url + CHAT_PATH, payloads, {}, clients, sys.maxsize, duration
@@ -331,6 +330,7 @@ def run_soak(
     clients: int = 8,
     duration: float = 120.0,
     image: str | Path | None = None,
+    distinct_images: int = 300,
     prompt: str = DEFAULT_PROMPT,
     max_tokens: int = 64,
     threads: int = DEFAULT_THREADS,
@@ -341,7 +341,10 @@ def run_soak(
     start_timeout: float = 300.0,
     request_timeout: float = 300.0,
 ) -> dict[str, Any]:
-    """`clients` clients, image and text requests in turn, for `duration` s against cxrlite."""
+    """`clients` clients, image and text requests in turn, for `duration` s against cxrlite.
+    Without `image`, `distinct_images` phantoms in turn: more than the server's embedding cache
+    holds (256 by default), so the soak also runs decoding, the vision tower and cache eviction,
+    not just cache hits. Warm-up sends each of them once, so a full cache is the baseline."""
     from cxrlite.bench.report import environment
 
     if clients < 1 or duration <= 0 or max_tokens < 1 or interval <= 0:
@@ -353,8 +356,11 @@ def run_soak(
             raise ServerCompareError(
                 f"{image}: cannot read the image ({e.strerror or e})"
             ) from None
+        pictures = [picture]
     else:
-        picture = phantom_png()
+        if distinct_images < 1:
+            raise ServerCompareError("distinct_images must be >= 1")
+        pictures = [phantom_png(i) for i in range(distinct_images)]
     env = environment()
     spec = cxrlite_spec(bundle_dir, free_port(), threads, llm_variant)
     log_path = Path(out_dir) / "cxrlite.log"
@@ -364,7 +370,7 @@ def run_soak(
         try:
             load = asyncio.run(
                 _soak_load(
-                    spec.url, [picture, (None, "")], prompt=prompt, max_tokens=max_tokens,
+                    spec.url, [p for pic in pictures for p in (pic, (None, ""))], prompt=prompt, max_tokens=max_tokens,
                     clients=clients, duration=duration, warmup_rounds=warmup_rounds,
                     timeout=request_timeout, on_loaded=sampler.start,
                 )
@@ -392,7 +398,7 @@ def run_soak(
     rss["flat"] = (
         start is not None and abs(rss["end_drift"]) <= target and rss["max_drift"] <= target
     )
-    settings = {"clients": clients, "duration_s": duration, "image": picture[1],
+    settings = {"clients": clients, "duration_s": duration, "images": len(pictures),
                 "max_tokens": max_tokens, "threads": threads, "llm_variant": llm_variant,
                 "interval_s": interval, "warmup_rounds": warmup_rounds}  # fmt: skip
     return {
@@ -511,6 +517,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     soak.add_argument("--clients", type=int, default=8)
     soak.add_argument("--duration", type=float, default=120.0, help="seconds of load")
     soak.add_argument("--image", default=None, help="PNG sent in every other request")
+    soak.add_argument(
+        "--distinct-images",
+        type=int,
+        default=300,
+        help="without --image: this many phantoms in turn (> the server's cache)",
+    )
     soak.add_argument("--interval", type=float, default=1.0, help="seconds between RSS samples")
     soak.add_argument("--target", type=float, default=RSS_TARGET, help="allowed RSS drift")
     args = parser.parse_args(argv)
@@ -544,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if result["equal_or_better"] else 1
         result = run_soak(
             args.bundle, out, clients=args.clients, duration=args.duration, image=args.image,
-            interval=args.interval, target=args.target, **common,
+            distinct_images=args.distinct_images, interval=args.interval, target=args.target, **common,
         )  # fmt: skip
         write_json(out / "soak.json", result)
         plot_rss(result, out / "soak.png")

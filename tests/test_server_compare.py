@@ -112,8 +112,11 @@ def test_a_ready_server_is_stopped_when_the_benchmark_fails(tmp_path):
 
 
 def test_soak_of_cxrlite_serve(bundle, tmp_path):
-    result = run_soak(bundle, tmp_path, clients=2, duration=3.0, max_tokens=4, interval=0.5)
+    result = run_soak(
+        bundle, tmp_path, clients=2, duration=3.0, max_tokens=4, interval=0.5, distinct_images=3
+    )
     assert result["requests"] == result["ok"] > 4 and result["errors"] == {}
+    assert result["settings"]["images"] == 3
     assert result["errors_5xx"] == 0 and result["warmup_errors"] == {}
     assert result["load"]["tokens_per_request"]["max"] <= 4
     server = result["server"]
@@ -130,7 +133,8 @@ def test_soak_of_cxrlite_serve(bundle, tmp_path):
     assert "ready in" in log
     # Image and text requests in turn (warm-up included): two prompt sizes, equally often.
     prompts = Counter(re.findall(r"completions -> 200 .* tokens (\d+) prompt", log))
-    assert len(prompts) == 2 and sum(prompts.values()) == result["requests"] + 2
+    # warm-up: each of the 6 payloads (3 images, each followed by a text request) once
+    assert len(prompts) == 2 and sum(prompts.values()) == result["requests"] + 6
     assert abs(operator.sub(*prompts.values())) <= 1
 
 
