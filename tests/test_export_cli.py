@@ -40,17 +40,7 @@ def test_quantize_adds_gguf_and_gptq_variants(bundle, monkeypatch) -> None:
     monkeypatch.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")  # its C++ packer compiles for ~45 s
     pytest.importorskip("gptqmodel")
     _, out = bundle
-    args = [
-        "--gguf",
-        "q8_0",
-        "--gptq",
-        "--group-size",
-        "32",
-        "--eval-studies",
-        "3",
-        "--threads",
-        "1",
-    ]
+    args = ["--gguf", "q8_0", "--gptq", "--group-size", "32", "--eval-studies", "3", "--threads", "1"]
     code, stdout, stderr = run("quantize", str(out), *args)
     assert code == 0, stdout + stderr
     b = load_bundle(out)  # every file hashed again: the updates kept the bundle consistent

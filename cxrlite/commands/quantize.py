@@ -157,15 +157,8 @@ def quantize(bundle_dir: Path, qtypes: list[str], imatrix: bool, gptq: bool, bit
 # fmt: on
 
 
-def gate_variants(
-    bundle_dir: Path,
-    names: list[str],
-    checkpoint: Path | None,
-    n: int,
-    max_drop: float,
-    force: bool,
-    threads: int | None,
-) -> dict[str, dict[str, Any]]:
+def gate_variants(bundle_dir: Path, names: list[str], checkpoint: Path | None, n: int, max_drop: float,
+                  force: bool, threads: int | None) -> dict[str, dict[str, Any]]:
     """Score the fp32 reference and each variant on the same held-out phantoms; gate each."""
     if n == 0:
         return {name: {"deployable": force, "forced": force, "evaluated": False} for name in names}
@@ -183,21 +176,12 @@ def gate_variants(
                 runtime.close()
 
         reference = score(vision_backend="torch", llm_backend="torch", checkpoint=checkpoint)
-        out["reference"] = {
-            "reference": "fp32 checkpoint, PyTorch",
-            "evaluated": True,
-            **_summary(reference),
-        }
+        out["reference"] = {"reference": "fp32 checkpoint, PyTorch", "evaluated": True, **_summary(reference)}
         for name in names:
             result = score(vision_backend="onnx", llm_variant=name)
             passed, deltas = quality_gate(reference, result, max_f1_drop=max_drop)
-            out[name] = {
-                "deployable": passed or force,
-                "forced": force and not passed,
-                "evaluated": True,
-                "deltas": deltas,
-                **_summary(result),
-            }
+            out[name] = {"deployable": passed or force, "forced": force and not passed, "evaluated": True,
+                         "deltas": deltas, **_summary(result)}
     return out
 
 
@@ -209,11 +193,8 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
 def _best(bundle: Any, quality: dict[str, dict[str, Any]]) -> str | None:
     """The smallest deployable GGUF variant (llama.cpp runs everywhere); else the current default."""
     files = bundle.manifest["files"]
-    candidates = [
-        name
-        for name, q in quality.items()
-        if q.get("deployable") and bundle.llm_variants.get(name, {}).get("kind") == "gguf"
-    ]
+    candidates = [name for name, q in quality.items()
+                  if q.get("deployable") and bundle.llm_variants.get(name, {}).get("kind") == "gguf"]
     if not candidates:
         return bundle.manifest["default"]["llm"]
     return min(candidates, key=lambda name: files[bundle.llm_variants[name]["file"]]["size"])
@@ -222,10 +203,6 @@ def _best(bundle: Any, quality: dict[str, dict[str, Any]]) -> str | None:
 def _echo_variant(bundle: Any, name: str) -> str:
     entry = bundle.llm_variants[name]
     files = bundle.manifest["files"]
-    size = sum(
-        rec["size"]
-        for rel, rec in files.items()
-        if rel == entry["file"] or rel.startswith(entry["file"] + "/")
-    )
+    size = sum(rec["size"] for rel, rec in files.items() if rel == entry["file"] or rel.startswith(entry["file"] + "/"))
     click.echo(f"  llm {name:14s} {entry['file']}  {size / 2**20:.2f} MiB")
     return name
