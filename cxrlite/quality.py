@@ -1,6 +1,7 @@
 """The quality gate: how much of the PyTorch model's quality a compressed variant keeps.
 
-`evaluate_variant` measures one runtime (a bundle's vision + LLM variants, or the PyTorch
+`run_variant` runs one runtime on the data (`cxrlite eval` builds its intervals on it too);
+`evaluate_variant` aggregates it for one runtime (a bundle's vision + LLM variants, or the PyTorch
 reference with the torch backends) on the same held-out data:
 - findings F1: greedy findings for each study, labeled by the report labeler, against the
   study's CheXpert truth (macro over CORE_FINDINGS, as `cxrlite eval` scores the model);
@@ -38,6 +39,53 @@ def _image_path(image: str, root: Path | None) -> str:
     return str(path if path.is_absolute() or root is None else root / path)
 
 
+@dataclass
+class VariantOutputs:
+    """What one runtime produced on the evaluation data, per study and per record, so callers
+    can aggregate (the gate) or resample (`cxrlite eval`'s bootstrap intervals)."""
+
+    generated: list[str]  # greedy findings per study
+    hits: dict[str, list[int]]  # MC task -> 1/0 per record (best option == answer)
+    perplexity: dict[str, Any]  # runtime.perplexity over the report texts
+    n_texts: int
+    wall_s: float
+
+
+def run_variant(
+    runtime: Any,
+    studies: Sequence[Study],
+    mc_records: Sequence[TaskRecord],
+    report_texts: Sequence[str],
+    *,
+    image_root: str | Path | None = None,
+    max_tokens: int = 96,
+    prompt: str | None = None,
+) -> VariantOutputs:
+    """Greedy findings for each study, the option chosen by likelihood for each multiple-choice
+    record (records without options are skipped), perplexity of the report texts."""
+    from cxrlite.evaluation import FINDINGS_PROMPT
+
+    root = Path(image_root) if image_root is not None else None
+    started = time.perf_counter()
+    generated = [
+        runtime.complete(
+            prompt or FINDINGS_PROMPT, _image_path(s.image, root), max_tokens=max_tokens
+        ).text.strip()
+        for s in studies
+    ]
+    hits: dict[str, list[int]] = defaultdict(list)
+    for record in mc_records:
+        if not record.options:
+            continue
+        image = _image_path(record.images[0], root) if record.images else None
+        scores = runtime.option_logprobs(record.prompt, record.options, image)
+        best = record.options[max(range(len(scores)), key=scores.__getitem__)]
+        hits[record.task].append(int(best == record.answer))
+    texts = [t for t in report_texts if t and t.strip()]
+    ppl = runtime.perplexity(texts) if texts else {"perplexity": math.nan, "n_tokens": 0}
+    return VariantOutputs(generated, dict(hits), ppl, len(texts), time.perf_counter() - started)
+
+
 def evaluate_variant(
     runtime: Any,
     studies: Sequence[Study],
@@ -50,31 +98,16 @@ def evaluate_variant(
 ) -> dict[str, Any]:
     """Findings F1, multiple-choice accuracy and perplexity of `runtime` (a
     cxrlite.runtime.Runtime) on the given data; relative image paths resolve against
-    `image_root`. Records without options are skipped."""
-    from cxrlite.evaluation import FINDINGS_PROMPT
-
-    root = Path(image_root) if image_root is not None else None
-    started = time.perf_counter()
-    generated = [
-        runtime.complete(
-            prompt or FINDINGS_PROMPT, _image_path(s.image, root), max_tokens=max_tokens
-        ).text
-        for s in studies
-    ]
+    `image_root`."""
+    out = run_variant(
+        runtime, studies, mc_records, report_texts,
+        image_root=image_root, max_tokens=max_tokens, prompt=prompt,
+    )  # fmt: skip
     findings = findings_f1(
-        [label_report(text) for text in generated], [s.chexpert for s in studies], CORE_FINDINGS
+        [label_report(text) for text in out.generated], [s.chexpert for s in studies], CORE_FINDINGS
     )
-    hits: dict[str, list[int]] = defaultdict(list)
-    for record in mc_records:
-        if not record.options:
-            continue
-        image = _image_path(record.images[0], root) if record.images else None
-        scores = runtime.option_logprobs(record.prompt, record.options, image)
-        best = record.options[max(range(len(scores)), key=scores.__getitem__)]
-        hits[record.task].append(int(best == record.answer))
+    hits, ppl = out.hits, out.perplexity
     all_hits = [h for task in hits.values() for h in task]
-    texts = [t for t in report_texts if t and t.strip()]
-    ppl = runtime.perplexity(texts) if texts else {"perplexity": math.nan, "n_tokens": 0}
     result = {
         "variants": dict(runtime.variants),
         "findings_f1": findings["macro_f1"],
@@ -84,9 +117,9 @@ def evaluate_variant(
         "perplexity": ppl["perplexity"],
         "n_studies": len(studies),
         "n_mc": len(all_hits),
-        "n_texts": len(texts),
+        "n_texts": out.n_texts,
         "n_tokens": ppl["n_tokens"],
-        "wall_s": round(time.perf_counter() - started, 3),
+        "wall_s": round(out.wall_s, 3),
     }
     logger.info(
         "quality of %s: findings F1 %.3f, MC accuracy %.3f, perplexity %.3f (%d studies, %.1f s)",

@@ -5,9 +5,8 @@ severity VQA, hard-negative image-text reasoning) is scored by option log-likeli
 generation by the report labeler (14-observation and 5-core-finding micro/macro F1), ROUGE-L and
 BLEU; perplexity on the reference reports; fairness as findings F1 by sex and age band. Every
 figure has a seeded bootstrap 95% interval (cxrlite.metrics). Runs go through cxrlite.runtime, so
-a checkpoint (torch backends) and a bundle's variants are measured by the same code. This does not
-reuse cxrlite.quality.evaluate_variant: it returns aggregates only, and intervals need the
-per-study outcomes.
+a checkpoint (torch backends) and a bundle's variants are measured by the same code, the one the
+quantization quality gate uses (cxrlite.quality.run_variant); this module adds the intervals.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -126,7 +124,6 @@ def evaluate_runtime(
     from cxrlite.data.labeler import label_report
     from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, CORE_FINDINGS
     from cxrlite.data.tasks import study_chexpert
-    from cxrlite.evaluation import FINDINGS_PROMPT
     from cxrlite.metrics import (
         f1_cis,
         fairness_breakdown,
@@ -135,12 +132,11 @@ def evaluate_runtime(
         resample_indices,
         text_metric_cis,
     )
+    from cxrlite.quality import run_variant
 
-    started = time.perf_counter()
-    generated = [
-        runtime.complete(FINDINGS_PROMPT, s.image, max_tokens=max_tokens).text.strip()
-        for s in studies
-    ]
+    texts = [s.narrative for s in studies if s.narrative]
+    out = run_variant(runtime, studies, records, texts, max_tokens=max_tokens)
+    generated, hits = out.generated, out.hits
     pred = [label_report(text) for text in generated]
     truth = [study_chexpert(s) for s in studies]
     paired = {"indices": resample_indices(len(studies), n_boot, seed)}
@@ -149,11 +145,6 @@ def evaluate_runtime(
         "chexpert14": f1_cis(pred, truth, CHEXPERT_OBSERVATIONS, **paired),
     }
     text = text_metric_cis(generated, [s.findings or "" for s in studies], **paired)
-    hits: dict[str, list[int]] = {}
-    for record in records:
-        scores = runtime.option_logprobs(record.prompt, record.options, record.images[0])
-        best = record.options[max(range(len(scores)), key=scores.__getitem__)]
-        hits.setdefault(record.task, []).append(int(best == record.answer))
     all_hits = [h for task in MC_TASKS for h in hits.get(task, [])]
     mc = {
         "all": {"n": len(all_hits), **mean_ci(all_hits, n_boot=n_boot, seed=seed)},
@@ -165,8 +156,6 @@ def evaluate_runtime(
         )
         for by in ("sex", "age")
     }
-    texts = [s.narrative for s in studies if s.narrative]
-    ppl = runtime.perplexity(texts)["perplexity"] if texts else math.nan
     return {
         "variants": dict(runtime.variants),
         "n_studies": len(studies),
@@ -175,8 +164,8 @@ def evaluate_runtime(
         "text": text,
         "mc": mc,
         "fairness": fairness,
-        "perplexity": ppl,
-        "wall_s": round(time.perf_counter() - started, 2),
+        "perplexity": out.perplexity["perplexity"],
+        "wall_s": round(out.wall_s, 2),
         "generated": generated,
     }
 
