@@ -91,18 +91,12 @@ def evaluate_variant(
     studies: Sequence[Study],
     mc_records: Sequence[TaskRecord],
     report_texts: Sequence[str],
-    *,
-    image_root: str | Path | None = None,
-    max_tokens: int = 96,
-    prompt: str | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Findings F1, multiple-choice accuracy and perplexity of `runtime` (a
-    cxrlite.runtime.Runtime) on the given data; relative image paths resolve against
-    `image_root`."""
-    out = run_variant(
-        runtime, studies, mc_records, report_texts,
-        image_root=image_root, max_tokens=max_tokens, prompt=prompt,
-    )  # fmt: skip
+    cxrlite.runtime.Runtime) on the given data; `options` are run_variant's (image_root,
+    max_tokens, prompt)."""
+    out = run_variant(runtime, studies, mc_records, report_texts, **options)
     findings = findings_f1(
         [label_report(text) for text in out.generated], [s.chexpert for s in studies], CORE_FINDINGS
     )
