@@ -352,6 +352,11 @@ def test_report_gives_findings_impression_labels_and_timings(rt, tmp_path):
         "usage",
     }
     assert set(result["finish_reason"].values()) <= {"stop", "length"}
+    # the impression summarizes the findings just written (text only), as stage 3 trained it to
+    from cxrlite.data.tasks import SUMMARY_PROMPTS
+
+    summary = rt.complete(f"{SUMMARY_PROMPTS[0]}\nFindings: {result['findings']}", max_tokens=24)
+    assert result["impression"] == summary.text.strip()
     assert result["variants"] == {"vision": "onnx-fp32", "llm": "gguf-f32"}
     assert list(result["labels"]) == list(CHEXPERT_OBSERVATIONS)
     assert set(result["labels"].values()) <= set(LABEL_VALUES)

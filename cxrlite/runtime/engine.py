@@ -409,12 +409,15 @@ class Runtime:
     def report(
         self, image: Image, *, max_tokens: int = 128, cancelled: threading.Event | None = None
     ) -> dict[str, Any]:
-        """Findings, then impression (a second generation on the same embeddings), CheXpert
-        labels of both by the report labeler, variants and per-phase timings. Setting
+        """Findings, then the impression as a summary of those findings (text only, the
+        findings-summarization task of stage 3), CheXpert labels of both by the report labeler,
+        variants and per-phase timings. An impression written from the image independently
+        contradicted its own findings on 18 of 40 held-out phantoms (demo model), a summary on 10.
+        Setting
         `cancelled` (any thread) stops it before its next token; the impression is then not
         started and `finish_reason` is "cancelled"."""
         from cxrlite.data.labeler import label_report
-        from cxrlite.data.tasks import IMPRESSION_PROMPTS
+        from cxrlite.data.tasks import SUMMARY_PROMPTS
         from cxrlite.evaluation import FINDINGS_PROMPT
 
         t0 = time.perf_counter()
@@ -422,9 +425,8 @@ class Runtime:
         findings = self.complete(
             FINDINGS_PROMPT, encoded, max_tokens=max_tokens, cancelled=cancelled
         )
-        impression = self.complete(
-            IMPRESSION_PROMPTS[0], encoded, max_tokens=max_tokens, cancelled=cancelled
-        )
+        summary_prompt = f"{SUMMARY_PROMPTS[0]}\nFindings: {findings.text.strip()}"
+        impression = self.complete(summary_prompt, None, max_tokens=max_tokens, cancelled=cancelled)
         text = f"FINDINGS: {findings.text.strip()}\nIMPRESSION: {impression.text.strip()}"
         phase = ("queue_ms", "prefill_ms", "decode_ms", "tokens_per_s", "total_ms")
         return {
