@@ -224,22 +224,22 @@ def test_same_file_bytes_skip_decoding(rt):
         return out.getvalue()
 
     fast, slow = png(9), png(1)  # the same pixels in two different files
-    assert fast != slow and rt.lookup_file(fast) is None
+    assert fast != slow and rt.lookup_file(rt.file_key(fast)) is None
     first = rt.image_embeddings(fast)
     assert first.cache_hit is False and rt.cache.stats()["aliases"] >= 1
-    again = rt.lookup_file(fast)  # no decode: found by the file's bytes
+    again = rt.lookup_file(rt.file_key(fast))  # no decode: found by the file's bytes
     assert again is not None and again.cache_hit and np.array_equal(again.embeds, first.embeds)
     assert rt.image_embeddings(fast).cache_hit is True
     # another file with the same pixels: decoded, then found by its pixels
-    assert rt.lookup_file(slow) is None
+    assert rt.lookup_file(rt.file_key(slow)) is None
     other = rt.image_embeddings(slow)
     assert other.cache_hit is True and np.array_equal(other.embeds, first.embeds)
-    assert rt.lookup_file(slow) is not None  # and remembered under its own bytes now
+    assert rt.lookup_file(rt.file_key(slow)) is not None  # and remembered under its own bytes now
     # an encoded image passed back in is used as is (no lookup at all)
     hits = rt.cache.stats()["hits"]
     assert rt.image_embeddings(first) is first and rt.cache.stats()["hits"] == hits
     rt.cache.clear()
-    assert rt.lookup_file(fast) is None and rt.cache.stats()["aliases"] == 0
+    assert rt.lookup_file(rt.file_key(fast)) is None and rt.cache.stats()["aliases"] == 0
 
 
 def test_cache_is_bounded_lru():

@@ -250,17 +250,17 @@ class Runtime:
             raise ImageError(source, str(e)) from None
 
     def image_embeddings(
-        self, image: Image, *, use_cache: bool = True, raw: bytes | None = None
+        self, image: Image, *, use_cache: bool = True, file_key: str | None = None
     ) -> ImageEmbeddings:
-        """The image's embeddings, from the cache when its pixels were seen before. `raw`: the
-        bytes of the file the image was decoded from (bytes input is its own), so that the same
-        file sent again skips decoding as well (`lookup_file`)."""
+        """The image's embeddings, from the cache when its pixels were seen before. `file_key`
+        (`file_key(raw)`) names the file the image was decoded from (bytes input is its own
+        file), so that the same file sent again skips decoding as well (`lookup_file`)."""
         if isinstance(image, ImageEmbeddings):
             return image
-        if raw is None and isinstance(image, bytes | bytearray | memoryview):
-            raw = bytes(image)
-        if use_cache and raw is not None:
-            found = self.lookup_file(raw)
+        if file_key is None and isinstance(image, bytes | bytearray | memoryview):
+            file_key = self.file_key(image)
+        if use_cache and file_key is not None:
+            found = self.lookup_file(file_key)
             if found is not None:
                 return found
         t0 = time.perf_counter()
@@ -278,16 +278,20 @@ class Runtime:
                     embeds = self._encode(pixels)
                     if use_cache:
                         embeds = self.cache.put(key, embeds)
-        if use_cache and raw is not None:
-            self.cache.add_alias(bytes_key(raw, self.vision.name), key)
+        if use_cache and file_key is not None:
+            self.cache.add_alias(file_key, key)
         return ImageEmbeddings(
             embeds, hit, _ms(t1 - t0), 0.0 if hit else _ms(time.perf_counter() - t1)
         )
 
-    def lookup_file(self, raw: bytes) -> ImageEmbeddings | None:
+    def file_key(self, raw: bytes | bytearray | memoryview) -> str:
+        """The embedding cache's key for a file's bytes (hashed once per request)."""
+        return bytes_key(raw, self.vision.name)
+
+    def lookup_file(self, file_key: str) -> ImageEmbeddings | None:
         """The cached embeddings of a file seen before (same bytes), without decoding it."""
         t0 = time.perf_counter()
-        found = self.cache.get_alias(bytes_key(raw, self.vision.name))
+        found = self.cache.get_alias(file_key)
         if found is None:
             return None
         return ImageEmbeddings(found[1], True, _ms(time.perf_counter() - t0), 0.0)

@@ -236,12 +236,13 @@ class ServerState:
         """A data URL's or an upload's embeddings: a file sent before skips decoding (the
         runtime's cache knows its bytes); a new one is decoded under the pixel cap first."""
         raw = decode_data_url(source) if isinstance(source, str) else source
-        found = runtime.lookup_file(raw)
+        file_key = runtime.file_key(raw)
+        found = runtime.lookup_file(file_key)
         if found is not None:
             return found
         # "upload", never a file name or URL: those can carry patient names.
         image = load_image(raw, name="upload", max_pixels=self.settings.max_pixels)
-        return runtime.image_embeddings(image, raw=raw)
+        return runtime.image_embeddings(image, file_key=file_key)
 
     def prepare_generation(
         self, runtime: Any, prompt: ChatPrompt, source: str | bytes | None, kwargs: dict
