@@ -54,6 +54,7 @@ def test_each_stage_trains_only_its_parts(chexagent_run) -> None:
     assert _same(s1, s2, "vision.") and _same(s1, s2, "llm.") and not _same(s1, s2, "bridger.")
     # stage 3: bridger + LLM, and the ViT at a lower rate
     assert not any(_same(s2, s3, part) for part in ("vision.", "llm.", "bridger."))
+    assert set(s3) == set(s2)  # stage 3's report-label head is not part of the checkpoint
 
 
 def test_final_stage_reports_quality(chexagent_run) -> None:
@@ -174,6 +175,45 @@ def test_loss_weights_are_checked_and_weigh_the_terms() -> None:
     out = VisionPretrainer(vision, cfg, text, weights)(**batch)
     total = sum(weights[k] * out[k] for k in weights)
     assert torch.isclose(out["loss"], total, rtol=1e-6)
+
+
+def test_instruction_report_label_term(chexagent_run) -> None:
+    """Stage 3's report-label term: answers loss + weight x label loss, read from the LLM's
+    image positions; a text-only example has its labels masked out and changes nothing."""
+    from cxrlite.tokenizer import encode_example
+    from cxrlite.train.data import collate
+    from cxrlite.train.label_aux import InstructionWithLabels
+
+    with pytest.raises(ValueError, match="no loss term"):
+        StageDef(3, "i", "instruction", {"llm": 1e-3}, 2, 2, tasks={"view_classification": 1.0},
+                 loss_weights={"caption": 1.0})
+    assert CHEXAGENT[3].loss_weight("report_labels") > 0
+    run, _ = chexagent_run
+    model, tokenizer, cfg = vlm.load(run / CHEXAGENT[3].folder / "checkpoint")
+    torch.manual_seed(0)
+    aux = InstructionWithLabels(model, weight=2.0)
+
+    with_image = encode_example(tokenizer, "View?", "PA", with_image=True,
+                                n_image_tokens=cfg.n_image_tokens)
+    text_only = encode_example(tokenizer, "Summarize: normal.", "Normal.", with_image=False,
+                               n_image_tokens=cfg.n_image_tokens)
+    target = torch.zeros(14)
+    target[2] = 1.0
+    items = [
+        {**with_image, "pixels": torch.randn(1, cfg.vision.image_size, cfg.vision.image_size),
+         "report_labels": target, "report_label_mask": torch.ones(14)},
+        {**text_only, "report_labels": torch.ones(14), "report_label_mask": torch.zeros(14)},
+    ]
+    batch = collate(items, tokenizer.pad_token_id)
+    out = aux(**batch)
+    assert torch.isfinite(out["loss"])
+    assert torch.isclose(out["loss"], out["answers"] + 2.0 * out["report_labels"], rtol=1e-5)
+    only_image = aux(**collate(items[:1], tokenizer.pad_token_id))
+    # the text-only row is masked: the label term is the image row's alone
+    assert torch.isclose(out["report_labels"], only_image["report_labels"], rtol=1e-4)
+    out["loss"].backward()
+    assert aux.label_head.weight.grad.abs().sum() > 0
+    assert next(model.bridger.parameters()).grad is not None
 
 
 def test_two_process_ddp_run(phantoms: Path, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from cxrlite.tokenizer import encode_example
 
 logger = logging.getLogger(__name__)
 IGNORE = -100
+_NO_LABELS = (torch.zeros(len(CHEXPERT_OBSERVATIONS)), torch.zeros(len(CHEXPERT_OBSERVATIONS)))
 
 
 class ImageStore:
@@ -65,6 +66,15 @@ class TextDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
+def report_label_targets(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 14 observations the report labeler reads from `text`: (target, mask) with positive = 1,
+    negative or not mentioned = 0, uncertain masked out."""
+    found = label_report(text)
+    target = torch.tensor([float(found[o] == POSITIVE) for o in CHEXPERT_OBSERVATIONS])
+    mask = torch.tensor([float(found[o] != UNCERTAIN) for o in CHEXPERT_OBSERVATIONS])
+    return target, mask
+
+
 class ImageTextDataset(torch.utils.data.Dataset):
     """Stage 1: (image, report tokens, report labels) for contrastive + captioning + label training.
 
@@ -79,9 +89,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         for study in studies:
             text = study.narrative
             ids = tokenizer.encode(text, add_special_tokens=True)[: max_len - 1]
-            found = label_report(text)
-            target = torch.tensor([float(found[o] == POSITIVE) for o in CHEXPERT_OBSERVATIONS])
-            mask = torch.tensor([float(found[o] != UNCERTAIN) for o in CHEXPERT_OBSERVATIONS])
+            target, mask = report_label_targets(text)
             self.items.append((study.image, ids + [tokenizer.eos_token_id], target, mask))
 
     def __len__(self) -> int:
@@ -99,7 +107,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
 
 class InstructionDataset(torch.utils.data.Dataset):
-    """Stages 2 and 3: prompt (+ image) -> answer, loss on the answer tokens only."""
+    """Stages 2 and 3: prompt (+ image) -> answer, loss on the answer tokens only.
+
+    With `image_labels` (image path -> report_label_targets of its study), every item also
+    carries its image's report labels (text-only items: all masked) for the report-label term."""
 
     def __init__(
         self,
@@ -108,8 +119,10 @@ class InstructionDataset(torch.utils.data.Dataset):
         tokenizer: Any,
         n_image_tokens: int,
         max_len: int,
+        image_labels: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         self.images = images
+        self.image_labels = image_labels
         self.items = []
         dropped = 0
         for rec in records:
@@ -141,6 +154,9 @@ class InstructionDataset(torch.utils.data.Dataset):
         item = dict(enc)
         if image is not None:
             item["pixels"] = self.images[image]
+        if self.image_labels is not None:
+            target, mask = self.image_labels.get(image, _NO_LABELS)
+            item["report_labels"], item["report_label_mask"] = target, mask
         return item
 
 

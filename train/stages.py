@@ -25,9 +25,11 @@ from cxrlite.train.data import (
     InstructionDataset,
     TextDataset,
     collate,
+    report_label_targets,
 )
 from cxrlite.train.engine import train_stage
-from cxrlite.train.recipe import StageDef
+from cxrlite.train.label_aux import InstructionWithLabels
+from cxrlite.train.recipe import LOSS_TERMS, StageDef
 from cxrlite.train.spec import StageSpec
 from cxrlite.train.text_side import TextSide, VisionPretrainer
 from cxrlite.vision import select_features
@@ -102,10 +104,14 @@ def _lm_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[st
     return {"loss": out.loss, "n_tokens": batch["labels"].ne(-100).sum()}
 
 
-def _vision_loss(
+def _module_loss(
     module: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     return module(**batch)
+
+
+def _weights(stage: StageDef) -> dict[str, float]:
+    return {term: stage.loss_weight(term) for term in LOSS_TERMS[stage.objective]}
 
 
 @torch.no_grad()
@@ -179,8 +185,8 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
     elif stage.objective == "vision_pretrain":
         text = TextSide(len(tokenizer), cfg.vision, max_len=max_len, pad_id=pad)
         module, loss_fn = (
-            VisionPretrainer(model.vision, cfg.vision, text, stage.loss_weights).to(ctx.device),
-            _vision_loss,
+            VisionPretrainer(model.vision, cfg.vision, text, _weights(stage)).to(ctx.device),
+            _module_loss,
         )
         train = ImageTextDataset(ctx.splits["train"], images, tokenizer, max_len)
         val = ImageTextDataset(ctx.splits["validate"][: ctx.max_eval], images, tokenizer, max_len)
@@ -189,17 +195,28 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
             "text": list(module.text.parameters()),
         }
     else:
-        module, loss_fn = model, _lm_loss
+        module, loss_fn, groups, image_labels = model, _lm_loss, _parts(model), None
+        label_weight = stage.loss_weight("report_labels") if stage.objective == "instruction" else 0
+        if label_weight > 0:
+            module, loss_fn = InstructionWithLabels(model, label_weight).to(ctx.device), _module_loss
+            groups["llm"] += list(module.label_head.parameters())  # dropped after the stage
+            image_labels = {
+                s.image: report_label_targets(s.narrative)
+                for split in ("train", "validate")
+                for s in ctx.splits[split]
+            }
         mix = task_mix(_records(ctx, stage, "train"), stage.tasks, seed=ctx.seed)
-        train = InstructionDataset(mix, images, tokenizer, cfg.n_image_tokens, max_len)
+        train = InstructionDataset(
+            mix, images, tokenizer, cfg.n_image_tokens, max_len, image_labels
+        )
         val = InstructionDataset(
             _records(ctx, stage, "validate")[: ctx.max_eval],
             images,
             tokenizer,
             cfg.n_image_tokens,
             max_len,
+            image_labels,
         )
-        groups = _parts(model)
     spec = StageSpec(
         name=stage.folder,
         max_steps=stage.steps,

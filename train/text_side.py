@@ -105,13 +105,13 @@ class VisionPretrainer(nn.Module):
         vision: nn.Module,
         vision_cfg: VisionConfig,
         text: TextSide,
-        weights: dict[str, float] | None = None,
+        weights: dict[str, float],
     ) -> None:
         super().__init__()
         self.vision = vision
         self.vision_cfg = vision_cfg
         self.text = text
-        self.weights = {"contrastive": 1.0, "caption": 1.0, "report_labels": 1.0, **(weights or {})}
+        self.weights = weights  # term -> weight, every term (StageDef.loss_weight)
 
     def forward(
         self,
