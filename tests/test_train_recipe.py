@@ -185,23 +185,41 @@ def test_instruction_report_label_term(chexagent_run) -> None:
     from cxrlite.train.label_aux import InstructionWithLabels
 
     with pytest.raises(ValueError, match="no loss term"):
-        StageDef(3, "i", "instruction", {"llm": 1e-3}, 2, 2, tasks={"view_classification": 1.0},
-                 loss_weights={"caption": 1.0})
+        StageDef(
+            3,
+            "i",
+            "instruction",
+            {"llm": 1e-3},
+            2,
+            2,
+            tasks={"view_classification": 1.0},
+            loss_weights={"caption": 1.0},
+        )
     assert CHEXAGENT[3].loss_weight("report_labels") > 0
     run, _ = chexagent_run
     model, tokenizer, cfg = vlm.load(run / CHEXAGENT[3].folder / "checkpoint")
     torch.manual_seed(0)
     aux = InstructionWithLabels(model, weight=2.0)
 
-    with_image = encode_example(tokenizer, "View?", "PA", with_image=True,
-                                n_image_tokens=cfg.n_image_tokens)
-    text_only = encode_example(tokenizer, "Summarize: normal.", "Normal.", with_image=False,
-                               n_image_tokens=cfg.n_image_tokens)
+    with_image = encode_example(
+        tokenizer, "View?", "PA", with_image=True, n_image_tokens=cfg.n_image_tokens
+    )
+    text_only = encode_example(
+        tokenizer,
+        "Summarize: normal.",
+        "Normal.",
+        with_image=False,
+        n_image_tokens=cfg.n_image_tokens,
+    )
     target = torch.zeros(14)
     target[2] = 1.0
     items = [
-        {**with_image, "pixels": torch.randn(1, cfg.vision.image_size, cfg.vision.image_size),
-         "report_labels": target, "report_label_mask": torch.ones(14)},
+        {
+            **with_image,
+            "pixels": torch.randn(1, cfg.vision.image_size, cfg.vision.image_size),
+            "report_labels": target,
+            "report_label_mask": torch.ones(14),
+        },
         {**text_only, "report_labels": torch.ones(14), "report_label_mask": torch.zeros(14)},
     ]
     batch = collate(items, tokenizer.pad_token_id)

@@ -131,4 +131,3 @@ def _previous_checkpoint(out: Path, table: list[StageDef], stage: StageDef) -> P
             f"{ckpt}, which does not exist: run --stages {prev.index} first"
         )
     return ckpt
-

@@ -198,7 +198,10 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
         module, loss_fn, groups, image_labels = model, _lm_loss, _parts(model), None
         label_weight = stage.loss_weight("report_labels") if stage.objective == "instruction" else 0
         if label_weight > 0:
-            module, loss_fn = InstructionWithLabels(model, label_weight).to(ctx.device), _module_loss
+            module, loss_fn = (
+                InstructionWithLabels(model, label_weight).to(ctx.device),
+                _module_loss,
+            )
             groups["llm"] += list(module.label_head.parameters())  # dropped after the stage
             image_labels = {
                 s.image: report_label_targets(s.narrative)
