@@ -86,11 +86,17 @@ class CXRVLM(nn.Module):
         pixels: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
     ) -> Any:
         """transformers CausalLMOutputWithPast; `labels` are the input ids with -100 where no loss
         is taken (the shift by one happens inside)."""
         embeds = self.embed_inputs(input_ids, pixels, image_embeds)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        return self.llm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            labels=labels,
+            output_hidden_states=output_hidden_states,
+        )
 
     @torch.no_grad()
     def generate(

@@ -183,6 +183,7 @@ def test_instruction_report_label_term(chexagent_run) -> None:
     from cxrlite.tokenizer import encode_example
     from cxrlite.train.data import collate
     from cxrlite.train.label_aux import InstructionWithLabels
+    from cxrlite.train.text_side import N_REPORT_LABELS
 
     with pytest.raises(ValueError, match="no loss term"):
         StageDef(
@@ -211,16 +212,17 @@ def test_instruction_report_label_term(chexagent_run) -> None:
         with_image=False,
         n_image_tokens=cfg.n_image_tokens,
     )
-    target = torch.zeros(14)
+    n = N_REPORT_LABELS
+    target = torch.zeros(n)
     target[2] = 1.0
     items = [
         {
             **with_image,
             "pixels": torch.randn(1, cfg.vision.image_size, cfg.vision.image_size),
             "report_labels": target,
-            "report_label_mask": torch.ones(14),
+            "report_label_mask": torch.ones(n),
         },
-        {**text_only, "report_labels": torch.ones(14), "report_label_mask": torch.zeros(14)},
+        {**text_only, "report_labels": torch.ones(n), "report_label_mask": torch.zeros(n)},
     ]
     batch = collate(items, tokenizer.pad_token_id)
     out = aux(**batch)

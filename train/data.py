@@ -155,7 +155,7 @@ class InstructionDataset(torch.utils.data.Dataset):
         if image is not None:
             item["pixels"] = self.images[image]
         if self.image_labels is not None:
-            target, mask = self.image_labels.get(image, _NO_LABELS)
+            target, mask = _NO_LABELS if image is None else self.image_labels[image]
             item["report_labels"], item["report_label_mask"] = target, mask
         return item
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cxrlite.model import CXRVLM
-from cxrlite.train.text_side import N_REPORT_LABELS
+from cxrlite.train.text_side import N_REPORT_LABELS, mean_max_pool, report_label_loss
 
 
 def label_layer(num_layers: int) -> int:
@@ -47,22 +46,13 @@ class InstructionWithLabels(nn.Module):
         report_label_mask: torch.Tensor,
         pixels: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        embeds = self.model.embed_inputs(input_ids, pixels)
-        out = self.model.llm(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            labels=labels,
-            output_hidden_states=True,
+        out = self.model(
+            input_ids, attention_mask, pixels, labels=labels, output_hidden_states=True
         )
-        hidden = out.hidden_states[self.layer].float()
-        image = (input_ids == self.model.cfg.image_token_id).unsqueeze(-1)
-        count = image.sum(1).clamp(min=1)
-        mean = (hidden * image).sum(1) / count
-        peak = hidden.masked_fill(~image, torch.finfo(hidden.dtype).min).amax(1)
-        peak = torch.where(image.any(1), peak, torch.zeros_like(peak))  # text-only rows: masked
-        logits = self.label_head(torch.cat([mean, peak], dim=-1))
-        per_label = F.binary_cross_entropy_with_logits(logits, report_labels, reduction="none")
-        label_loss = (per_label * report_label_mask).sum() / report_label_mask.sum().clamp(min=1)
+        image = input_ids == self.model.cfg.image_token_id  # text-only rows pool to zeros
+        pooled = mean_max_pool(out.hidden_states[self.layer].float(), image)
+        logits = self.label_head(pooled)
+        label_loss = report_label_loss(logits, report_labels, report_label_mask)
         return {
             "loss": out.loss + self.weight * label_loss,
             "answers": out.loss.detach(),

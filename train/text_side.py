@@ -83,9 +83,29 @@ class TextSide(nn.Module):
         return self.lm_head(hidden)
 
 
+def mean_max_pool(states: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, N, D] -> [B, 2D]: mean and max over the positions where `keep` [B, N] is true (all when
+    None; a row with none pools to zeros). The max keeps a small focal finding (nodule, thin
+    pneumothorax) that the mean washes out."""
+    if keep is None:
+        return torch.cat([states.mean(1), states.amax(1)], dim=-1)
+    keep = keep.unsqueeze(-1)
+    mean = (states * keep).sum(1) / keep.sum(1).clamp(min=1)
+    peak = states.masked_fill(~keep, torch.finfo(states.dtype).min).amax(1)
+    peak = torch.where(keep.any(1), peak, torch.zeros_like(peak))
+    return torch.cat([mean, peak], dim=-1)
+
+
 def report_label_logits(head: nn.Linear, patches: torch.Tensor) -> torch.Tensor:
-    # mean + max pooling: a small focal finding (nodule, thin pneumothorax) is lost in the mean
-    return head(torch.cat([patches.mean(1), patches.amax(1)], dim=-1))
+    return head(mean_max_pool(patches))
+
+
+def report_label_loss(
+    logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Binary cross-entropy over the observations that `mask` keeps (uncertain ones are out)."""
+    per_label = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (per_label * mask).sum() / mask.sum().clamp(min=1)
 
 
 def siglip_loss(
@@ -136,10 +156,7 @@ class VisionPretrainer(nn.Module):
             logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
         )
         label_logits = report_label_logits(self.text.label_head, patches)
-        per_label = F.binary_cross_entropy_with_logits(
-            label_logits, report_labels, reduction="none"
-        )
-        label = (per_label * report_label_mask).sum() / report_label_mask.sum().clamp(min=1)
+        label = report_label_loss(label_logits, report_labels, report_label_mask)
         w = self.weights
         loss = w["contrastive"] * contrastive + w["caption"] * caption + w["report_labels"] * label
         return {
