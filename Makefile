@@ -4,14 +4,16 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 DEMO_DIR ?= demo
+# The versions CI passed with (refresh: make lock).
+LOCK := constraints.txt
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint lock
 
 # torch first, pinned: the local CPU wheel. An unpinned torch would pull GBs of CUDA packages.
 install:
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
-	PYTHON=$(PYTHON) bash scripts/install_gptq.sh
+	$(PIP) install -q -c $(LOCK) torch==2.13.0
+	$(PIP) install -q -c $(LOCK) -e ".[dev]"
+	PYTHON=$(PYTHON) CONSTRAINTS=$(LOCK) bash scripts/install_gptq.sh
 
 demo: install
 	bash scripts/demo.sh $(DEMO_DIR)
@@ -21,3 +23,7 @@ test: install
 
 lint:
 	ruff check . && ruff format --check .
+
+# Resolve the newest allowed releases in a new virtual environment and rewrite constraints.txt.
+lock:
+	PYTHON=$(PYTHON) bash scripts/lock.sh

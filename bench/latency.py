@@ -46,13 +46,14 @@ from typing import Any
 import numpy as np
 
 from cxrlite.bench.report import summarize
+from cxrlite.data.prompts import FINDINGS_PROMPT
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = "cxrlite-bench/1"
 DEFAULT_VISION = ("torch", "torch-bf16", "onnx-fp32", "onnx-fp16", "onnx-int8", "tensorrt")
 REFERENCE = "torch-fp32"
-PROMPT = "Describe the findings in this chest X-ray."
+PROMPT = FINDINGS_PROMPT
 REPEAT_QUESTION = "Is there a pleural effusion?"  # the follow-up question about the same image
 JOB_TIMEOUT_S = 3600
 
@@ -193,7 +194,7 @@ def open_vision_spec(bundle: Any, spec: str, threads: int | None, checkpoint: st
     if spec in ("torch", "torch-fp32", "torch-bf16"):
         import torch
 
-        from cxrlite.export.onnx import load_vision_tower
+        from cxrlite.model.checkpoint import load_vision_tower
 
         if threads:
             torch.set_num_threads(threads)
@@ -245,7 +246,7 @@ def open_llm_spec(
     if spec in ("torch", REFERENCE):
         import torch
 
-        from cxrlite.model import load
+        from cxrlite.model.checkpoint import load
 
         if threads:
             torch.set_num_threads(threads)
@@ -273,7 +274,7 @@ def _require_llm_weights(ckpt: Path) -> None:
     that would allocate the full fp32 LLM (28 GB at 7B) only to find them missing."""
     from safetensors import safe_open
 
-    from cxrlite.model import WEIGHTS_FILE
+    from cxrlite.model.checkpoint import WEIGHTS_FILE
     from cxrlite.runtime.plan import BackendError
 
     with safe_open(str(ckpt / WEIGHTS_FILE), framework="pt") as f:
@@ -298,7 +299,7 @@ def default_vision_spec(bundle: Any) -> str:
 def prompt_segments(bundle: Any, tokenizer: Any, embeds: np.ndarray) -> tuple[list[Any], int]:
     """The findings prompt as the runtime feeds it: ids before the image token, the image
     embeddings, ids after; and its length in positions."""
-    from cxrlite.tokenizer import format_prompt
+    from cxrlite.model.tokenizer import format_prompt
 
     cfg = bundle.config
     ids = tokenizer.encode(format_prompt(tokenizer, PROMPT, True), add_special_tokens=False)
@@ -311,7 +312,8 @@ def image_bytes(path: str | None) -> tuple[bytes, str]:
     """The benchmark radiograph: the user's file, else a 1024 px phantom PNG (held-out split)."""
     if path is not None:
         return Path(path).read_bytes(), Path(path).name
-    from cxrlite.data.phantoms import make_phantom_study, png_bytes
+    from cxrlite.imaging.write import png_bytes
+    from cxrlite.phantoms.generator import make_phantom_study
 
     _, pixels = make_phantom_study(0, 1, size=1024)
     return png_bytes(pixels), "phantom-1024px.png"
@@ -350,9 +352,9 @@ def _vision_job(job: dict[str, Any], bundle: Any, memory: MemorySampler) -> dict
 
 
 def _llm_job(job: dict[str, Any], bundle: Any, memory: MemorySampler) -> dict[str, Any]:
-    from cxrlite.data.decode import load_image
-    from cxrlite.data.preprocess import preprocess
-    from cxrlite.tokenizer import load_tokenizer
+    from cxrlite.imaging.decode import load_image
+    from cxrlite.imaging.preprocess import preprocess
+    from cxrlite.model.tokenizer import load_tokenizer
 
     data = Path(job["image_file"]).read_bytes()
     tokenizer = load_tokenizer(bundle.tokenizer_dir)
@@ -463,7 +465,7 @@ def _repeated_image(
 def run_job(job: dict[str, Any], isolated: bool = False) -> dict[str, Any]:
     """Run one job in this process: {"ok": True, ...raw timings, memory} or {"ok": False,
     "error": ...} when its backend cannot run here (missing checkpoint, no GPU...)."""
-    from cxrlite.export.bundle import load_bundle
+    from cxrlite.bundle import load_bundle
     from cxrlite.runtime.plan import BackendError
 
     bundle = load_bundle(job["bundle"], verify=False)  # the parent verified sizes already
@@ -506,8 +508,8 @@ def _failed(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _image_phase(data: bytes, pre: Any, runs: int, warmup: int) -> dict[str, Any]:
-    from cxrlite.data.decode import load_image
-    from cxrlite.data.preprocess import preprocess
+    from cxrlite.imaging.decode import load_image
+    from cxrlite.imaging.preprocess import preprocess
 
     decode, prep = [], []
     for i in range(warmup + runs):
@@ -533,7 +535,7 @@ def _llm_specs(bundle: Any, settings: BenchSettings) -> list[str]:
 def run_bench(bundle_dir: str | os.PathLike, settings: BenchSettings) -> dict[str, Any]:
     """Benchmark every requested backend of a bundle; the result is report.py's JSON schema."""
     from cxrlite.bench import bandwidth, report
-    from cxrlite.export.bundle import load_bundle
+    from cxrlite.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir, verify="size")  # sha256 of a 14 GB GGUF would take minutes
     data, image_name = image_bytes(settings.image)

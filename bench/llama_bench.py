@@ -7,7 +7,7 @@ pp N: N random token ids decoded as one prompt (in llama.cpp's n_batch chunks) f
 cache, reported as N / seconds. tg N: N tokens decoded one at a time after a 1-token prompt,
 reported as N / seconds, as llama-bench does (its "tg128"). Each test runs `reps` times after one
 untimed warm-up; mean and standard deviation of tokens/s are reported. Runs through
-cxrlite.runtime_llama.LlamaCppLLM (the runtime's own llama.cpp path), f16 KV cache, flash
+cxrlite.runtime.llamacpp.LlamaCppLLM (the runtime's own llama.cpp path), f16 KV cache, flash
 attention on llama.cpp's automatic setting.
 """
 
@@ -44,7 +44,7 @@ def llama_bench(
     """{"model", "results": [{"test": "pp512" | "tg128", "threads", "tokens_per_s", "std",
     "reps"}]}."""
     from cxrlite.bench.report import gguf_weight_bytes
-    from cxrlite.runtime_llama import LlamaCppLLM
+    from cxrlite.runtime.llamacpp import LlamaCppLLM
 
     if reps < 1 or gen < 0 or any(n < 1 for n in prompt_lengths):
         raise ValueError("reps and prompt lengths must be >= 1, gen >= 0")

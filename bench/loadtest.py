@@ -37,11 +37,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 from cxrlite.bench.report import summarize
+from cxrlite.data.prompts import FINDINGS_PROMPT
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = "cxrlite-loadtest/1"
-DEFAULT_PROMPT = "Describe the findings in this chest X-ray."
+DEFAULT_PROMPT = FINDINGS_PROMPT
 CHAT_PATH = "/v1/chat/completions"
 
 

@@ -159,7 +159,7 @@ def gguf_weight_bytes(path: str | os.PathLike) -> dict[str, int]:
 
 
 def bundle_summary(bundle: Any) -> dict[str, Any]:
-    from cxrlite.config import count_parameters
+    from cxrlite.model.config import count_parameters
 
     cfg = bundle.config
     params = count_parameters(cfg)
@@ -188,7 +188,7 @@ def bundle_summary(bundle: Any) -> dict[str, Any]:
 
 def summarize_job(raw: dict[str, Any], bundle: Any) -> dict[str, Any]:
     """A worker's raw timings as percentiles, with memory and artifact sizes."""
-    from cxrlite.config import count_parameters
+    from cxrlite.model.config import count_parameters
 
     params = count_parameters(bundle.config)
     skip = {"ok", "kind", "spec", "memory"}
@@ -302,7 +302,7 @@ def add_fit_checks(result: dict[str, Any], bundle: Any) -> None:
     """Per LLM variant: predicted GPU memory at its context (weights + KV cache + fp16 vision
     tower + buffers) against 8/16/24 GB cards, and the measured peaks when a GPU was used."""
     from cxrlite.bench.shapes import fit_check
-    from cxrlite.config import count_parameters
+    from cxrlite.model.config import count_parameters
 
     params = count_parameters(bundle.config)
     vision_bytes = variant_bytes(bundle, "vision", "onnx-fp16")

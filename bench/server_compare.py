@@ -46,6 +46,7 @@ from cxrlite.bench.servers import (
     llama_cpp_spec,
     running_server,
 )
+from cxrlite.data.prompts import FINDINGS_PROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ SCHEMA_SOAK = "cxrlite-soak/1"
 # One thread each by default: this 2-core machine runs the client too, and llama.cpp's and
 # onnxruntime's thread pools collapse when oversubscribed (spinning threads fight for cores).
 DEFAULT_THREADS = 1
-DEFAULT_PROMPT = "Describe the findings in this chest X-ray."
+DEFAULT_PROMPT = FINDINGS_PROMPT
 SERVERS = ("cxrlite", "llama_cpp")
 RSS_TARGET = 0.10  # "resident memory flat within 10%"
 
@@ -285,7 +286,8 @@ def compare_markdown(result: dict[str, Any]) -> str:
 
 def phantom_png(index: int = 0) -> tuple[bytes, str]:
     """A phantom radiograph (synthetic: no patient) for soak runs without --image."""
-    from cxrlite.data.phantoms import make_phantom_study, png_bytes
+    from cxrlite.imaging.write import png_bytes
+    from cxrlite.phantoms.generator import make_phantom_study
 
     return png_bytes(make_phantom_study(index, 0, size=256)[1]), f"phantom-{index}.png"
 

@@ -61,7 +61,7 @@ class BundleLLM:
 
 def bundle_llm(bundle_dir: str | Path, llm_variant: str | None = None) -> BundleLLM:
     """The GGUF cxrlite serves (the manifest's default LLM, or `llm_variant`) and its n_ctx."""
-    from cxrlite.export.bundle import BundleError, load_bundle
+    from cxrlite.bundle import BundleError, load_bundle
     from cxrlite.runtime.engine import MAX_DEFAULT_CTX
 
     try:

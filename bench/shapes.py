@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxrlite.config import ModelConfig, get_preset
+from cxrlite.model.config import ModelConfig, get_preset
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def hf_llm_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     (no memory), so they are exactly what a real checkpoint holds."""
     from transformers import LlamaForCausalLM
 
-    from cxrlite.language import hf_llama_config
+    from cxrlite.model.language import hf_llama_config
 
     with torch.device("meta"):
         model = LlamaForCausalLM(hf_llama_config(cfg.llm))
@@ -161,8 +161,8 @@ def write_random_gguf(cfg: ModelConfig, tokenizer_dir: Path, out_path: Path, see
 
 
 def _phantom_reports(n: int, seed: int = 0) -> list[str]:
-    from cxrlite.data.phantoms import sample_labels
-    from cxrlite.data.reports import write_report
+    from cxrlite.phantoms.generator import sample_labels
+    from cxrlite.phantoms.reports import write_report
 
     rng, text_rng = np.random.default_rng(seed), random.Random(seed)
     return [" ".join(write_report(sample_labels(rng), text_rng)) for _ in range(n)]
@@ -173,10 +173,15 @@ def build_checkpoint(cfg: ModelConfig, out_dir: Path, seed: int = 0) -> tuple[Pa
     weights (no LLM weights). Returns it and the config bound to the tokenizer."""
     from safetensors.torch import save_file
 
-    from cxrlite.export.onnx import VisionTower
     from cxrlite.fileio import atomic_dir, write_json
-    from cxrlite.model import CHECKPOINT_FORMAT, CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
-    from cxrlite.tokenizer import bind_tokenizer, train_tokenizer
+    from cxrlite.model.checkpoint import (
+        CHECKPOINT_FORMAT,
+        CONFIG_FILE,
+        FORMAT_VERSION,
+        WEIGHTS_FILE,
+    )
+    from cxrlite.model.tokenizer import bind_tokenizer, train_tokenizer
+    from cxrlite.model.vlm import VisionTower
 
     with atomic_dir(out_dir, lambda p: (p / CONFIG_FILE).is_file()) as tmp:
         pieces = min(cfg.llm.vocab_size, TOKENIZER_PIECES)
@@ -200,9 +205,10 @@ def build_checkpoint(cfg: ModelConfig, out_dir: Path, seed: int = 0) -> tuple[Pa
 def _vision_builder(ckpt: Path, names: Sequence[str]):
     def build(staging: Path) -> dict[str, Any]:
         from cxrlite.export import onnx as ox
+        from cxrlite.model.checkpoint import load_vision_tower
 
         folder = staging / "vision"
-        tower = ox.load_vision_tower(ckpt)
+        tower = load_vision_tower(ckpt)
         fp32 = ox.export_vision_onnx(tower, folder / "vision-fp32.onnx")
         del tower
         made = {"onnx-fp32": fp32}
@@ -271,7 +277,8 @@ def build_shape_bundle(
 ) -> Path:
     """The cached random-weight bundle of `shape` holding at least the requested variants
     (GGUF "gguf-<llama.cpp type>", ONNX "onnx-fp32/fp16/int8"); builds what is missing."""
-    from cxrlite.export.bundle import create_bundle, load_bundle, update_bundle
+    from cxrlite.bundle import load_bundle
+    from cxrlite.export.bundle import create_bundle, update_bundle
 
     bad = [v for v in llm_variants if not v.startswith("gguf-")]
     bad += [v for v in vision_variants if v not in ("onnx-fp32", "onnx-fp16", "onnx-int8")]
@@ -285,7 +292,7 @@ def build_shape_bundle(
     if not (ckpt / "config.json").is_file():
         logger.info("building the %s checkpoint (vision tower, tokenizer) in %s", shape, ckpt)
         build_checkpoint(cfg, ckpt, seed)
-    from cxrlite.model import load_config
+    from cxrlite.model.checkpoint import load_config
 
     cfg = load_config(ckpt)
     qtypes = [v.removeprefix("gguf-") for v in llm_variants if v != "gguf-f16"]

@@ -40,7 +40,7 @@ def bench_vision(
     """{"backends": {name: {"device", "batches": {size: {"ms": summary, "images_per_s"}}}},
     "skipped": {spec: why}}."""
     from cxrlite.bench.latency import open_vision_spec
-    from cxrlite.export.bundle import load_bundle
+    from cxrlite.bundle import load_bundle
     from cxrlite.runtime.plan import BackendError
 
     if runs < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxrlite.config import LLMConfig
 from cxrlite.fileio import atomic_path
-from cxrlite.model import WEIGHTS_FILE, CheckpointError, load_config
-from cxrlite.tokenizer import SPM_FILE, load_tokenizer
+from cxrlite.model.checkpoint import WEIGHTS_FILE, CheckpointError, load_config
+from cxrlite.model.config import LLMConfig
+from cxrlite.model.tokenizer import SPM_FILE, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -457,8 +457,8 @@ def gguf_parity(
     `max_abs_diff_tokens` / `max_abs_diff_image` use an f32 KV cache and no flash attention, so
     they measure the file alone (f32 GGUF: ~1e-6). `max_abs_diff_runtime` is the same text
     comparison with llama.cpp's defaults (f16 KV cache, flash attention), what serving sees."""
-    from cxrlite.model import load
-    from cxrlite.runtime_llama import LlamaCppLLM
+    from cxrlite.model.checkpoint import load
+    from cxrlite.runtime.llamacpp import LlamaCppLLM
 
     model, _, cfg = load(ckpt_dir)
     prompts = [list(p) for p in prompts] if prompts else _default_prompts(cfg.llm.vocab_size)

@@ -27,7 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrlite.config import ModelConfig
+from cxrlite.bundle import VISION_INPUT, VISION_OUTPUT
+from cxrlite.errors import CxrliteError
+from cxrlite.model.checkpoint import load_vision_tower
+from cxrlite.model.config import ModelConfig
+from cxrlite.model.vlm import VisionTower
+from cxrlite.runtime.onnx_runner import onnx_session
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +54,6 @@ def _quiet_exporter():
         onnx_logger.setLevel(level)
 
 
-INPUT_NAME, OUTPUT_NAME = "pixels", "image_embeds"
 DEFAULT_OPSET = 18  # LayerNormalization is a single op from 17; TensorRT maps it to INormalization
 FP32_MAX_ABS_DIFF = 1e-4
 FP16_MAX_REL_ERROR = 1e-2
@@ -60,61 +64,12 @@ _EXTERNAL_DATA_BYTES = 1_800_000_000
 _FP32_OPS = ("LayerNormalization",)
 
 
-class ExportError(RuntimeError):
+class ExportError(CxrliteError, RuntimeError):
     """An export could not be written or does not reproduce the PyTorch model."""
 
 
 class ParityError(ExportError):
     """An exported graph differs from PyTorch beyond its precision's threshold."""
-
-
-class VisionTower(nn.Module):
-    """The vision encoder and bridger of a CXRVLM, without its LLM (a 7B LLM need not be loaded
-    to export a 400M-parameter vision tower)."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        from cxrlite.bridger import build_bridger
-        from cxrlite.vision import build_vision
-
-        self.cfg = cfg
-        self.vision = build_vision(cfg.vision, load_pretrained=False)
-        self.bridger = build_bridger(cfg.bridger, cfg.vision.hidden_size, cfg.llm.hidden_size)
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        from cxrlite.model import CXRVLM
-
-        # CXRVLM.encode_image reads only .vision, .bridger and .cfg: reusing it (rather than a
-        # copy of its body) keeps the exported graph identical to what the model computes.
-        return CXRVLM.encode_image(self, pixels)  # type: ignore[arg-type]
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encode_image(pixels)
-
-
-def load_vision_tower(ckpt_dir: str | os.PathLike) -> VisionTower:
-    """The fp32 CPU vision tower of a checkpoint, reading only its vision and bridger weights."""
-    from safetensors import SafetensorError, safe_open
-
-    from cxrlite.model import WEIGHTS_FILE, CheckpointError, load_config
-
-    cfg = load_config(ckpt_dir)
-    weights = Path(ckpt_dir) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{ckpt_dir}: no {WEIGHTS_FILE}")
-    tower = VisionTower(cfg)
-    try:
-        with safe_open(str(weights), framework="pt", device="cpu") as f:
-            state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("vision.", "bridger."))}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{weights}: corrupt or unreadable ({e})") from None
-    result = tower.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{ckpt_dir}: vision weights do not match the config (missing "
-            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
-        )
-    return tower.float().eval()
 
 
 def _as_tower(source: Any) -> tuple[nn.Module, ModelConfig]:
@@ -200,8 +155,8 @@ def _export_proto(source: Any, opset: int) -> tuple[Any, ModelConfig]:
                 tower,
                 (example,),
                 dynamo=True,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                input_names=[VISION_INPUT],
+                output_names=[VISION_OUTPUT],
                 dynamic_shapes={"pixels": {0: batch}},
                 opset_version=opset,
                 verbose=False,
@@ -295,8 +250,8 @@ def onnx_precision(path: str | os.PathLike) -> str:
 def phantom_pixels(cfg: ModelConfig, n: int = 4, seed: int = 0) -> np.ndarray:
     """float32 [n, C, H, W]: preprocessed phantoms from the held-out test split of `seed` (the
     training set of that seed never contains them), for parity checks."""
-    from cxrlite.data.phantoms import make_phantom_study, study_split
-    from cxrlite.data.preprocess import PreprocessConfig, preprocess_batch
+    from cxrlite.imaging.preprocess import PreprocessConfig, preprocess_batch
+    from cxrlite.phantoms.generator import make_phantom_study, study_split
 
     pre = PreprocessConfig.from_dict(cfg.preprocess)
     images, index = [], 0
@@ -317,39 +272,6 @@ def split_batches(pixels: np.ndarray | torch.Tensor, max_batch: int = 4) -> list
         batches.append(array[start : start + max_batch])
         start += max_batch
     return [b for b in batches if len(b)]
-
-
-def default_providers(available: Sequence[str] | None = None, tensorrt: bool = False) -> list[str]:
-    """Execution providers in preference order among those onnxruntime has: CUDA, else CPU.
-    onnxruntime's TensorRT provider builds an engine at session start (minutes), so it is used
-    only when asked for."""
-    if available is None:
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
-    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if tensorrt:
-        wanted.insert(0, "TensorrtExecutionProvider")
-    return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-
-
-def onnx_session(
-    path: str | os.PathLike, providers: Sequence[Any] | None = None, *, threads: int | None = None
-) -> Any:
-    """An onnxruntime InferenceSession with all graph optimizations; `providers` (names or
-    (name, options) pairs) defaults to `default_providers()`."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(
-            str(path), options, providers=list(providers or default_providers())
-        )
-    except Exception as e:  # onnxruntime raises its own untyped errors (Fail, InvalidGraph, ...)
-        raise ExportError(f"{path}: onnxruntime cannot load this graph ({e})") from e
 
 
 def parity_figures(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
@@ -399,7 +321,7 @@ def validate_vision_onnx(
         pixels = torch.as_tensor(np.asarray(batch, dtype=np.float32))
         with torch.no_grad():
             want.append(tower.encode_image(pixels).float().numpy())
-        got.append(session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})[0])
+        got.append(session.run([VISION_OUTPUT], {VISION_INPUT: pixels.numpy()})[0])
         sizes.append(int(pixels.shape[0]))
     if not sizes:
         raise ValueError("validate_vision_onnx needs at least one batch of pixels")

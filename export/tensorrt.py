@@ -1,4 +1,5 @@
-"""TensorRT engine for the vision tower ONNX graph, and a runner for it (CUDA GPUs only).
+"""Build a TensorRT engine from the vision tower ONNX graph and check it (the runner and the
+version rules: `cxrlite.runtime.tensorrt_runner`).
 
 What TensorRT can do depends on its version and the GPU, and an engine only runs on the GPU
 model and TensorRT version that built it, so the version rules are pure functions (tested
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,69 +23,22 @@ from typing import Any
 
 import numpy as np
 
-from cxrlite.export.onnx import (
-    INPUT_NAME,
-    OUTPUT_NAME,
-    ParityError,
-    check_parity,
-    onnx_precision,
-    parity_figures,
-)
+from cxrlite.bundle import VISION_INPUT
+from cxrlite.export.onnx import ParityError, check_parity, onnx_precision, parity_figures
 from cxrlite.fileio import atomic_write_bytes
+from cxrlite.runtime.tensorrt_runner import (
+    TensorRTError,
+    TensorRTVisionRunner,
+    current_gpu,
+    import_tensorrt,
+    trt_capabilities,
+)
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = 'pip install "tensorrt>=10"'
 # TensorRT computes fp32 layers in TF32 by default (10-bit mantissa, like fp16), so every engine
 # is held to the fp16 relative-error threshold.
 _PARITY_PRECISION = "float16"
-VOLTA_INSTALL_HINT = 'pip install "tensorrt>=10,<10.5"'
-
-
-class TensorRTError(RuntimeError):
-    """TensorRT is missing, cannot run on this GPU, or failed to build or load an engine."""
-
-
-def parse_version(version: str) -> tuple[int, int, int]:
-    numbers = [int(n) for n in re.findall(r"\d+", version)[:3]]
-    if not numbers:
-        raise ValueError(f"not a TensorRT version: {version!r}")
-    return tuple(numbers + [0] * (3 - len(numbers)))  # type: ignore[return-value]
-
-
-def trt_capabilities(version: str, compute_capability: tuple[int, int]) -> dict[str, Any]:
-    """What TensorRT `version` offers on a GPU of `compute_capability` (pure).
-
-    Returns supported, error (why not, with the fix), fp16_mode ("flag" or "graph"),
-    strongly_typed (forced: 11.x) and min_compute_capability."""
-    major, minor, _ = parse_version(version)
-    cc = tuple(compute_capability)
-    info: dict[str, Any] = {"version": version, "compute_capability": list(cc)}
-    if major < 10:
-        error = (
-            f"TensorRT {version} is too old; cxrlite needs TensorRT 10 or newer ({INSTALL_HINT})"
-        )
-        info.update(fp16_mode=None, strongly_typed=False, min_compute_capability=None)
-        return {**info, "supported": False, "error": error}
-    minimum = (7, 0) if (major, minor) < (10, 5) else (7, 5)
-    fp16_mode = "flag" if major == 10 else "graph"
-    info.update(
-        fp16_mode=fp16_mode, strongly_typed=major >= 11, min_compute_capability=list(minimum)
-    )
-    if cc < minimum:
-        if cc == (7, 0):
-            error = (
-                f"TensorRT {version} does not support Volta GPUs (compute capability 7.0, e.g. "
-                f"V100): 10.5 removed them. Install TensorRT 10.4 or older ({VOLTA_INSTALL_HINT}) "
-                "or use the ONNX variant with onnxruntime's CUDA provider."
-            )
-        else:
-            error = (
-                f"TensorRT {version} needs compute capability {minimum[0]}.{minimum[1]} or "
-                f"newer; this GPU is {cc[0]}.{cc[1]}. Use the ONNX variant with onnxruntime."
-            )
-        return {**info, "supported": False, "error": error}
-    return {**info, "supported": True, "error": None}
 
 
 def optimization_profile(
@@ -103,57 +56,6 @@ def optimization_profile(
         raise ValueError(f"opt_batch must be in 1..{max_batch}, got {opt}")
     shape = (channels, image_size, image_size)
     return (1, *shape), (opt, *shape), (max_batch, *shape)
-
-
-def engine_matches(meta: dict[str, Any], current_gpu: dict[str, Any]) -> tuple[bool, str]:
-    """Whether an engine built as `meta` describes can run where `current_gpu` (from
-    `current_gpu()`) describes; the reason names what differs."""
-    built, here = meta.get("tensorrt_version"), current_gpu.get("tensorrt_version")
-    if built != here:
-        return False, f"engine built with TensorRT {built}, this machine has {here}; rebuild it"
-    built_cc = list(meta.get("compute_capability") or [])
-    here_cc = list(current_gpu.get("compute_capability") or [])
-    if built_cc != here_cc:
-        return False, (
-            f"engine built for compute capability {built_cc} ({meta.get('gpu_name')}), this GPU "
-            f"is {here_cc} ({current_gpu.get('gpu_name')}); rebuild it"
-        )
-    if meta.get("gpu_name") != current_gpu.get("gpu_name"):
-        # Same architecture: TensorRT loads it, though its tactics were timed on another model.
-        return True, f"built on {meta.get('gpu_name')}, runs on {current_gpu.get('gpu_name')}"
-    return True, "same GPU and TensorRT version"
-
-
-def import_tensorrt() -> Any:
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise TensorRTError(f"TensorRT is not installed ({INSTALL_HINT})") from None
-    return trt
-
-
-def current_gpu(device: int = 0) -> dict[str, Any]:
-    """GPU name, compute capability, CUDA and TensorRT versions of this machine."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise TensorRTError("TensorRT needs a CUDA GPU; none is visible to PyTorch")
-    trt = import_tensorrt()
-    return {
-        "gpu_name": torch.cuda.get_device_name(device),
-        "compute_capability": list(torch.cuda.get_device_capability(device)),
-        "cuda_version": torch.version.cuda,
-        "tensorrt_version": trt.__version__,
-    }
-
-
-def require_tensorrt(device: int = 0) -> dict[str, Any]:
-    """This machine's GPU description, or TensorRTError when TensorRT cannot run here."""
-    gpu = current_gpu(device)
-    caps = trt_capabilities(gpu["tensorrt_version"], tuple(gpu["compute_capability"]))
-    if not caps["supported"]:
-        raise TensorRTError(caps["error"])
-    return gpu
 
 
 def _parse_onnx(
@@ -218,7 +120,7 @@ def build_engine(
     channels, size = (int(d) for d in network.get_input(0).shape[1:3])
     shapes = optimization_profile(max_batch, channels, size, opt_batch)
     profile = builder.create_optimization_profile()
-    profile.set_shape(INPUT_NAME, *shapes)
+    profile.set_shape(VISION_INPUT, *shapes)
     config.add_optimization_profile(profile)
     cache_path = Path(timing_cache) if timing_cache else None
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
@@ -242,51 +144,6 @@ def build_engine(
         "profile": {"min": list(shapes[0]), "opt": list(shapes[1]), "max": list(shapes[2])},
         "max_batch": max_batch,
     }
-
-
-class TensorRTVisionRunner:
-    """Runs a vision engine: float32 pixels [B, C, H, W] -> float32 embeddings, B <= max_batch.
-    Buffers are torch CUDA tensors (no pycuda); the stream is PyTorch's current stream."""
-
-    def __init__(
-        self, engine_path: str | os.PathLike, meta: dict[str, Any] | None = None, device: int = 0
-    ) -> None:
-        import torch
-
-        trt = import_tensorrt()
-        here = current_gpu(device)
-        if meta is not None:
-            ok, reason = engine_matches(meta, here)
-            if not ok:
-                raise TensorRTError(f"{engine_path}: {reason}")
-        self.device = torch.device("cuda", device)
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self.engine is None:
-            raise TensorRTError(f"{engine_path}: TensorRT cannot load this engine (see its log)")
-        self.context = self.engine.create_execution_context()
-        self.max_batch = int(self.engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])
-
-    def __call__(self, pixels: Any) -> np.ndarray:
-        import torch
-
-        x = torch.as_tensor(np.asarray(pixels, dtype=np.float32)).to(self.device).contiguous()
-        if not 1 <= x.shape[0] <= self.max_batch:
-            raise ValueError(f"batch of {x.shape[0]} images; this engine takes 1..{self.max_batch}")
-        self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
-        out = torch.empty(
-            tuple(self.context.get_tensor_shape(OUTPUT_NAME)),
-            dtype=torch.float32,
-            device=self.device,
-        )
-        self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
-        self.context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise TensorRTError("TensorRT failed to run the engine")
-        stream.synchronize()
-        return out.cpu().numpy()
 
 
 def engine_variant(

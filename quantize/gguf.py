@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cxrlite.fileio import atomic_path
-from cxrlite.runtime_llama import LlamaCppError, import_llama_cpp
+from cxrlite.runtime.llamacpp import LlamaCppError, import_llama_cpp
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def compute_imatrix(
     transcripts of typical prompts."""
     import gguf
 
-    from cxrlite.model import load
+    from cxrlite.model.checkpoint import load
 
     model, tokenizer, cfg = load(ckpt_dir)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.llm.num_layers)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from cxrlite.config import get_preset
-from cxrlite.model import CXRVLM, save
-from cxrlite.tokenizer import bind_tokenizer, build_tokenizer
+from cxrlite.model.checkpoint import save
+from cxrlite.model.config import get_preset
+from cxrlite.model.tokenizer import bind_tokenizer, build_tokenizer
+from cxrlite.model.vlm import CXRVLM
 
 WORDS = (
     "heart size normal enlarged pleural effusion left right small large lung clear no acute "

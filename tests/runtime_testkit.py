@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from export_testkit import report_corpus
 
-from cxrlite.config import get_preset
-from cxrlite.model import CXRVLM, save
-from cxrlite.tokenizer import bind_tokenizer, build_tokenizer
+from cxrlite.model.checkpoint import save
+from cxrlite.model.config import get_preset
+from cxrlite.model.tokenizer import bind_tokenizer, build_tokenizer
+from cxrlite.model.vlm import CXRVLM
 
 _BUILT: dict[str, tuple[CXRVLM, Path, Path]] = {}
 

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import numpy as np
 from runtime_testkit import runtime_bundle
 
-from cxrlite.data.dicomio import dicom_bytes
-from cxrlite.data.phantoms import make_phantom_study, png_bytes
+from cxrlite.imaging.write import dicom_bytes, png_bytes
+from cxrlite.phantoms.generator import make_phantom_study
 from cxrlite.runtime import Runtime
 
 _RUNTIMES: dict[str, Runtime] = {}

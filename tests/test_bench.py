@@ -146,8 +146,8 @@ def test_fit_check_kv_cache_of_the_7b_shape():
 
 def test_shape_builder_reduced_size(tmp_path):
     from cxrlite.bench.report import gguf_weight_bytes
-    from cxrlite.export.bundle import load_bundle
-    from cxrlite.runtime_llama import LlamaCppLLM
+    from cxrlite.bundle import load_bundle
+    from cxrlite.runtime.llamacpp import LlamaCppLLM
 
     shape = {"scale": 1 / 16, "layers": 2, "vision_layers": 1, "vocab_size": 2048}
     cfg = shape_config("1b", **shape)

@@ -11,20 +11,13 @@ import pytest
 import torch
 from export_testkit import make_checkpoint
 
-from cxrlite.config import ModelConfig
-from cxrlite.export.bundle import (
-    MANIFEST_FILE,
-    BundleError,
-    add_tensorrt_engine,
-    create_bundle,
-    export_bundle,
-    load_bundle,
-    sha256_file,
-    update_bundle,
-)
-from cxrlite.export.onnx import onnx_session, quantize_onnx_int8
-from cxrlite.export.tensorrt import TensorRTError
-from cxrlite.tokenizer import load_tokenizer
+from cxrlite.bundle import MANIFEST_FILE, BundleError, load_bundle, sha256_file
+from cxrlite.export.bundle import add_tensorrt_engine, create_bundle, export_bundle, update_bundle
+from cxrlite.export.onnx import quantize_onnx_int8
+from cxrlite.model.config import ModelConfig
+from cxrlite.model.tokenizer import load_tokenizer
+from cxrlite.runtime.onnx_runner import onnx_session
+from cxrlite.runtime.tensorrt_runner import TensorRTError
 
 
 @pytest.fixture(scope="module")

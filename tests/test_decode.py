@@ -18,9 +18,8 @@ import pytest
 from PIL import Image
 from pydicom.uid import RLELossless
 
-from cxrlite.data.decode import inspect_image, load_image, sniff_format
-from cxrlite.data.dicomio import VoiLut, dicom_bytes, write_dicom
-from cxrlite.data.errors import (
+from cxrlite.imaging.decode import inspect_image, load_image, sniff_format
+from cxrlite.imaging.errors import (
     DegenerateImageError,
     ImageError,
     ImageTooLargeError,
@@ -28,6 +27,7 @@ from cxrlite.data.errors import (
     NotAnImageError,
     TruncatedImageError,
 )
+from cxrlite.imaging.write import VoiLut, dicom_bytes, write_dicom
 
 
 def ramp(bits: int, shape=(32, 40)) -> np.ndarray:

@@ -21,9 +21,9 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from cxrlite.data.decode import load_image
-from cxrlite.data.dicomio import dicom_bytes
-from cxrlite.data.errors import UnsupportedTransferSyntaxError
+from cxrlite.imaging.decode import load_image
+from cxrlite.imaging.errors import UnsupportedTransferSyntaxError
+from cxrlite.imaging.write import dicom_bytes
 
 try:
     import jpeg_ls  # noqa: F401  (pyjpegls: pydicom's JPEG-LS encoder)

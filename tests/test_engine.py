@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cxrlite.device import DeviceError, resolve_device
 from cxrlite.fileio import read_jsonl
 from cxrlite.train.checkpoint import CheckpointError, latest_checkpoint
-from cxrlite.train.device import DeviceError, resolve_device
 from cxrlite.train.engine import train_stage
 from cxrlite.train.run_state import NonFiniteLossError
 from cxrlite.train.sampler import ResumableBatchSampler

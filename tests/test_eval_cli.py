@@ -12,7 +12,7 @@ from runtime_testkit import runtime_bundle
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
 
 from cxrlite.commands.eval import MC_TASKS, eval_command, load_eval_data  # noqa: E402
-from cxrlite.data.phantoms import generate_phantoms  # noqa: E402
+from cxrlite.phantoms.generator import generate_phantoms
 
 
 @pytest.fixture(scope="module")

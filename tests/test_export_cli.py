@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 from export_testkit import make_checkpoint
 
+from cxrlite.bundle import load_bundle
 from cxrlite.cli import main
-from cxrlite.export.bundle import load_bundle
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -40,7 +40,17 @@ def test_quantize_adds_gguf_and_gptq_variants(bundle, monkeypatch) -> None:
     monkeypatch.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")  # its C++ packer compiles for ~45 s
     pytest.importorskip("gptqmodel")
     _, out = bundle
-    args = ["--gguf", "q8_0", "--gptq", "--group-size", "32", "--eval-studies", "3", "--threads", "1"]
+    args = [
+        "--gguf",
+        "q8_0",
+        "--gptq",
+        "--group-size",
+        "32",
+        "--eval-studies",
+        "3",
+        "--threads",
+        "1",
+    ]
     code, stdout, stderr = run("quantize", str(out), *args)
     assert code == 0, stdout + stderr
     b = load_bundle(out)  # every file hashed again: the updates kept the bundle consistent

@@ -13,19 +13,18 @@ from export_testkit import make_checkpoint
 from cxrlite.export.onnx import (
     FP16_MAX_REL_ERROR,
     FP32_MAX_ABS_DIFF,
-    ExportError,
     convert_onnx_fp16,
-    default_providers,
     export_vision_onnx,
     onnx_precision,
-    onnx_session,
     phantom_pixels,
     quantize_onnx_int8,
     save_onnx,
     split_batches,
     validate_vision_onnx,
 )
-from cxrlite.model import load
+from cxrlite.model.checkpoint import load
+from cxrlite.runtime.onnx_runner import default_providers, onnx_session
+from cxrlite.runtime.plan import BackendError
 
 
 @pytest.fixture(scope="module", params=["mlp", "qformer"])
@@ -121,7 +120,7 @@ def test_default_providers_prefer_cuda_and_tensorrt_only_on_request():
 def test_bad_inputs_raise_typed_errors(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a graph")
-    with pytest.raises(ExportError, match="bad.onnx"):
+    with pytest.raises(BackendError, match="bad.onnx"):
         onnx_session(bad, ["CPUExecutionProvider"])
     with pytest.raises(TypeError, match="checkpoint folder, CXRVLM or VisionTower"):
         export_vision_onnx(object(), tmp_path / "out" / "v.onnx")

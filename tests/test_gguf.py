@@ -15,17 +15,18 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
 import gguf  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 
-from cxrlite.config import get_preset  # noqa: E402
 from cxrlite.export.gguf import GGUFExportError, gguf_parity, read_vocab, write_gguf  # noqa: E402
-from cxrlite.model import CXRVLM, save  # noqa: E402
+from cxrlite.model.checkpoint import save
+from cxrlite.model.config import get_preset
+from cxrlite.model.tokenizer import bind_tokenizer, load_pretrained_tokenizer, train_tokenizer
+from cxrlite.model.vlm import CXRVLM
 from cxrlite.quantize.gguf import (  # noqa: E402
     GGUFQuantizeError,
     compute_imatrix,
     gguf_tensor_types,
     quantize_gguf,
 )
-from cxrlite.runtime_llama import LlamaCppError, LlamaCppLLM  # noqa: E402
-from cxrlite.tokenizer import bind_tokenizer, load_pretrained_tokenizer, train_tokenizer  # noqa: E402
+from cxrlite.runtime.llamacpp import LlamaCppError, LlamaCppLLM
 
 WORDS = "heart size normal enlarged pleural effusion left right lung clear Effusion? Left.".split()
 PROMPT = [1, 277, 300, 12, 90, 4, 150, 151, 152, 200, 201, 2]

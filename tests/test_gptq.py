@@ -12,18 +12,13 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from cxrlite.config import get_preset
-from cxrlite.language import hf_llama_config
-from cxrlite.model import CXRVLM, save
-from cxrlite.quantize.gptq import (
-    GPTQError,
-    check_gptq_shapes,
-    dequantize_gptq,
-    gptq_format_check,
-    load_gptq_llm,
-    quantize_gptq,
-)
-from cxrlite.tokenizer import bind_tokenizer, train_tokenizer
+from cxrlite.model.checkpoint import save
+from cxrlite.model.config import get_preset
+from cxrlite.model.language import hf_llama_config
+from cxrlite.model.tokenizer import bind_tokenizer, train_tokenizer
+from cxrlite.model.vlm import CXRVLM
+from cxrlite.quantize.gptq import check_gptq_shapes, quantize_gptq
+from cxrlite.runtime.gptq import GPTQError, dequantize_gptq, gptq_format_check, load_gptq_llm
 
 # find_spec, not importorskip: importing gptqmodel costs seconds, so only the tests that need it
 # pay for it (inside quantize_gptq / load_gptq_llm).

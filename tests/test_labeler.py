@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from cxrlite.data.labeler import findings_f1, label_report, label_reports
 from cxrlite.data.labels import (
     CHEXPERT_OBSERVATIONS,
     LABEL_VALUES,
@@ -16,6 +15,7 @@ from cxrlite.data.labels import (
     POSITIVE,
     UNCERTAIN,
 )
+from cxrlite.eval.labeler import findings_f1, label_report, label_reports
 
 SENTENCES = Path(__file__).parent / "data" / "labeler_sentences.jsonl"
 REQUIRED_ACCURACY = 0.97  # per (sentence, observation) pair; measured: 1.000 on 201 sentences

@@ -9,9 +9,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-from cxrlite.config import get_preset
-from cxrlite.model import CXRVLM, export_llava, save
-from cxrlite.tokenizer import bind_tokenizer, encode_example, train_tokenizer
+from cxrlite.model.checkpoint import save
+from cxrlite.model.config import get_preset
+from cxrlite.model.llava import export_llava
+from cxrlite.model.tokenizer import bind_tokenizer, encode_example, train_tokenizer
+from cxrlite.model.vlm import CXRVLM
 
 WORDS = "heart size normal enlarged pleural effusion left right lung clear Effusion? Left. Heart Normal.".split()
 

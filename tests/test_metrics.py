@@ -1,4 +1,4 @@
-"""cxrlite.metrics: ROUGE-L and BLEU against hand-computed values, F1 against the labeler's
+"""cxrlite.eval.metrics: ROUGE-L and BLEU against hand-computed values, F1 against the labeler's
 findings_f1, bootstrap determinism and intervals, fairness grouping."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cxrlite.data.labeler import findings_f1
 from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, CORE_FINDINGS, LABEL_VALUES
-from cxrlite.metrics import (
+from cxrlite.eval.labeler import findings_f1
+from cxrlite.eval.metrics import (
     bleu_from_statistics,
     bleu_statistics,
     bootstrap_ci,

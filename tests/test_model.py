@@ -8,17 +8,18 @@ import random
 import pytest
 import torch
 
-from cxrlite.config import PRESETS, ModelConfig, count_parameters, get_preset
-from cxrlite.language import llm_config_from_pretrained
-from cxrlite.model import CXRVLM, CheckpointError, load, save
-from cxrlite.tokenizer import (
+from cxrlite.model.checkpoint import CheckpointError, load, save
+from cxrlite.model.config import PRESETS, ModelConfig, count_parameters, get_preset
+from cxrlite.model.language import llm_config_from_pretrained
+from cxrlite.model.tokenizer import (
     bind_tokenizer,
     build_tokenizer,
     encode_example,
     load_tokenizer,
     train_tokenizer,
 )
-from cxrlite.vision import vision_config_from_pretrained
+from cxrlite.model.vision import vision_config_from_pretrained
+from cxrlite.model.vlm import CXRVLM
 
 WORDS = (
     "heart size normal enlarged pleural effusion left right small large lung clear no acute "

@@ -25,17 +25,17 @@ from cxrlite.data.labels import (
     Pneumothorax,
     StudyLabels,
 )
-from cxrlite.data.phantom_anatomy import Frame, sample_anatomy
-from cxrlite.data.phantoms import (
+from cxrlite.data.records import Study
+from cxrlite.fileio import read_jsonl
+from cxrlite.phantoms.anatomy import Frame, sample_anatomy
+from cxrlite.phantoms.generator import (
     generate_phantoms,
     render_phantom,
     sample_labels,
     study_rng,
     study_split,
 )
-from cxrlite.data.records import Study
-from cxrlite.data.sheet import caption, contact_sheet
-from cxrlite.fileio import read_jsonl
+from cxrlite.phantoms.sheet import caption, contact_sheet
 
 SIZE = 128
 BASE = StudyLabels(view="PA", sex="M", age=50, ctr=0.42)

@@ -13,9 +13,9 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
 
 import llama_cpp  # noqa: E402
 
-from cxrlite.evaluation import FINDINGS_PROMPT  # noqa: E402
+from cxrlite.data.prompts import FINDINGS_PROMPT
 from cxrlite.runtime import Runtime, TorchLLMBackend  # noqa: E402
-from cxrlite.runtime_llama import LlamaCppError, SequenceStates  # noqa: E402
+from cxrlite.runtime.llamacpp import LlamaCppError, SequenceStates
 
 QUESTION = "Is there a pleural effusion?"
 TOKENS = 12  # generated per request: enough for a varied text, a few ms on the tiny model
@@ -208,7 +208,8 @@ def test_state_lru_is_bounded():
 def test_bench_reports_the_repeated_image_ttft(rt, tmp_path):
     from cxrlite.bench.latency import run_job
     from cxrlite.bench.report import add_ratios, summarize, summarize_job, table_rows
-    from cxrlite.data.phantoms import make_phantom_study, png_bytes
+    from cxrlite.imaging.write import png_bytes
+    from cxrlite.phantoms.generator import make_phantom_study
 
     image = tmp_path / "study.png"
     image.write_bytes(png_bytes(make_phantom_study(0, 1, size=256)[1]))

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrlite.data.decode import load_image
-from cxrlite.data.dicomio import dicom_bytes
-from cxrlite.data.preprocess import (
+from cxrlite.imaging.decode import load_image
+from cxrlite.imaging.preprocess import (
     PreprocessConfig,
     preprocess,
     preprocess_batch,
     to_display_png,
 )
+from cxrlite.imaging.write import dicom_bytes
 
 PLAIN = dict(mean=0.0, std=1.0)  # normalization off, to read pixel values directly
 

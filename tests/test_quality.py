@@ -1,5 +1,5 @@
-"""cxrlite.quality: the gate's threshold, held-out phantoms, and evaluate_variant reproducing the
-PyTorch evaluation (cxrlite.evaluation) through the runtime's torch backends."""
+"""cxrlite.eval.quality: the gate's threshold, held-out phantoms, and evaluate_variant reproducing the
+PyTorch evaluation (cxrlite.eval.evaluation) through the runtime's torch backends."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from runtime_testkit import runtime_bundle
 
-from cxrlite.data.decode import load_image
-from cxrlite.data.preprocess import preprocess
-from cxrlite.evaluation import generate_findings, multiple_choice_accuracy, score_findings
-from cxrlite.quality import evaluate_variant, held_out_phantoms, quality_gate
+from cxrlite.eval.evaluation import generate_findings, multiple_choice_accuracy, score_findings
+from cxrlite.eval.quality import evaluate_variant, held_out_phantoms, quality_gate
+from cxrlite.imaging.decode import load_image
+from cxrlite.imaging.preprocess import preprocess
 
 
 def metrics(f1: float, accuracy: float = 0.5, perplexity: float = 10.0) -> dict:

@@ -12,8 +12,9 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
 
 from cxrlite.commands.report import expand_inputs, report  # noqa: E402
 from cxrlite.data.labels import CHEXPERT_OBSERVATIONS  # noqa: E402
-from cxrlite.data.phantoms import make_phantom_study, png_bytes  # noqa: E402
 from cxrlite.fileio import read_jsonl  # noqa: E402
+from cxrlite.imaging.write import png_bytes
+from cxrlite.phantoms.generator import make_phantom_study
 
 
 @pytest.fixture(scope="module")

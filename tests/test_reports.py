@@ -7,7 +7,6 @@ import re
 
 import pytest
 
-from cxrlite.data.labeler import label_report
 from cxrlite.data.labels import (
     CHEXPERT_OBSERVATIONS,
     CORE_FINDINGS,
@@ -32,7 +31,8 @@ from cxrlite.data.labels import (
     Pneumothorax,
     StudyLabels,
 )
-from cxrlite.data.reports import chexpert_truth, write_report
+from cxrlite.eval.labeler import label_report
+from cxrlite.phantoms.reports import chexpert_truth, write_report
 
 SIDES_OR_BOTH = ("left", "right", "bilateral")
 NORMAL_CTR = 0.44

@@ -15,11 +15,14 @@ from runtime_testkit import random_pixels, runtime_bundle
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
 
-from cxrlite.data.errors import DegenerateImageError, ImageError, NotAnImageError  # noqa: E402
-from cxrlite.data.labeler import label_report  # noqa: E402
 from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, LABEL_VALUES  # noqa: E402
-from cxrlite.data.phantoms import make_phantom_study, png_bytes  # noqa: E402
-from cxrlite.evaluation import FINDINGS_PROMPT, option_logprobs  # noqa: E402
+from cxrlite.data.prompts import FINDINGS_PROMPT
+from cxrlite.eval.evaluation import option_logprobs
+from cxrlite.eval.labeler import label_report
+from cxrlite.imaging.errors import DegenerateImageError, ImageError, NotAnImageError
+from cxrlite.imaging.write import png_bytes
+from cxrlite.model.tokenizer import encode_example
+from cxrlite.phantoms.generator import make_phantom_study
 from cxrlite.runtime import (  # noqa: E402
     BackendError,
     EmbeddingCache,
@@ -32,7 +35,6 @@ from cxrlite.runtime import (  # noqa: E402
     plan_vision,
 )
 from cxrlite.runtime.vision import OnnxVision, TorchVision  # noqa: E402
-from cxrlite.tokenizer import encode_example  # noqa: E402
 
 STRICT = {"kv_type": "f32", "flash_attn": False}  # llama.cpp's exact f32 path (see gguf_parity)
 
@@ -353,9 +355,9 @@ def test_report_gives_findings_impression_labels_and_timings(rt, tmp_path):
     }
     assert set(result["finish_reason"].values()) <= {"stop", "length"}
     # the impression summarizes the findings just written (text only), as stage 3 trained it to
-    from cxrlite.data.tasks import SUMMARY_PROMPTS
+    from cxrlite.data.prompts import summary_prompt
 
-    summary = rt.complete(f"{SUMMARY_PROMPTS[0]}\nFindings: {result['findings']}", max_tokens=24)
+    summary = rt.complete(summary_prompt(result["findings"]), max_tokens=24)
     assert result["impression"] == summary.text.strip()
     assert result["variants"] == {"vision": "onnx-fp32", "llm": "gguf-f32"}
     assert list(result["labels"]) == list(CHEXPERT_OBSERVATIONS)

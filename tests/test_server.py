@@ -34,8 +34,8 @@ from server_testkit import (  # noqa: E402
     shared_runtime,
 )
 
-from cxrlite.data.decode import load_image  # noqa: E402
 from cxrlite.data.labels import CHEXPERT_OBSERVATIONS  # noqa: E402
+from cxrlite.imaging.decode import load_image  # noqa: E402
 from cxrlite.runtime import Runtime  # noqa: E402
 from cxrlite.server import ServerSettings, create_app  # noqa: E402
 from cxrlite.server.security import exposure_warning  # noqa: E402

@@ -19,7 +19,7 @@ expect = sync_api.expect
 
 from server_testkit import gated, live_server, phantom_png, shared_runtime  # noqa: E402
 
-from cxrlite.data.decode import load_image  # noqa: E402
+from cxrlite.imaging.decode import load_image  # noqa: E402
 from cxrlite.server import ServerSettings, create_app  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

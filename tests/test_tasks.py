@@ -20,9 +20,9 @@ from cxrlite.data.labels import (
     Pneumothorax,
     StudyLabels,
 )
+from cxrlite.data.prompts import FINDINGS_PROMPTS
 from cxrlite.data.records import Study, TaskRecord
 from cxrlite.data.tasks import (
-    FINDINGS_PROMPTS,
     NONE_OF_THESE,
     OBSERVATION_TERMS,
     TASKS,
@@ -246,7 +246,7 @@ def test_determinism_and_independence_from_other_studies():
 
 
 def test_phantom_without_chexpert_uses_the_truth_its_report_states():
-    from cxrlite.data.reports import chexpert_truth
+    from cxrlite.phantoms.reports import chexpert_truth
 
     study = _sick_phantom("ph-nolabels")
     study.chexpert = {}

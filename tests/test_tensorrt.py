@@ -10,12 +10,11 @@ import torch
 from export_testkit import make_checkpoint
 
 from cxrlite.export.onnx import convert_onnx_fp16, export_vision_onnx, phantom_pixels
-from cxrlite.export.tensorrt import (
+from cxrlite.export.tensorrt import build_engine, optimization_profile
+from cxrlite.runtime.tensorrt_runner import (
     TensorRTError,
-    build_engine,
     current_gpu,
     engine_matches,
-    optimization_profile,
     parse_version,
     trt_capabilities,
 )
@@ -83,7 +82,7 @@ def test_missing_tensorrt_or_gpu_is_a_clear_error():
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAVE_TRT and HAVE_CUDA), reason="needs tensorrt and a CUDA GPU")
 def test_engine_build_and_run(tmp_path):
-    from cxrlite.export.tensorrt import TensorRTVisionRunner
+    from cxrlite.runtime.tensorrt_runner import TensorRTVisionRunner
 
     model, ckpt = make_checkpoint(tmp_path)
     fp32 = export_vision_onnx(ckpt, tmp_path / "vision.onnx")
@@ -103,7 +102,8 @@ def test_engine_build_and_run(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAVE_TRT and HAVE_CUDA), reason="needs tensorrt and a CUDA GPU")
 def test_engine_added_to_a_bundle_on_the_serving_machine(tmp_path):
-    from cxrlite.export.bundle import add_tensorrt_engine, export_bundle, load_bundle
+    from cxrlite.bundle import load_bundle
+    from cxrlite.export.bundle import add_tensorrt_engine, export_bundle
 
     _, ckpt = make_checkpoint(tmp_path, "qformer")
     export_bundle(ckpt, tmp_path / "bundle")

@@ -8,8 +8,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from cxrlite.config import PROMPT_TEMPLATES, get_preset
-from cxrlite.tokenizer import (
+from cxrlite.model.config import PROMPT_TEMPLATES, get_preset
+from cxrlite.model.tokenizer import (
     CHAT_TEMPLATES,
     TokenizerError,
     bind_tokenizer,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxrlite import model as vlm
-from cxrlite.data.phantoms import generate_phantoms
+from cxrlite.model.checkpoint import load, load_weights
+from cxrlite.phantoms.generator import generate_phantoms
 from cxrlite.train.data import InstructionDataset
 from cxrlite.train.recipe import CHEXAGENT, StageDef, plan
 from cxrlite.train.run import run_recipe
@@ -29,7 +29,7 @@ def chexagent_run(phantoms: Path, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def _weights(run: Path, stage: str) -> dict[str, torch.Tensor]:
-    return vlm.load_weights(run / stage / "checkpoint")
+    return load_weights(run / stage / "checkpoint")
 
 
 def _same(a: dict, b: dict, prefix: str) -> bool:
@@ -90,7 +90,7 @@ def test_missing_previous_stage_is_a_clear_error(phantoms: Path, tmp_path: Path)
 
 def test_answers_only_loss_masking(chexagent_run) -> None:
     run, _ = chexagent_run
-    model, tokenizer, cfg = vlm.load(run / "stage3-instruction" / "checkpoint")
+    model, tokenizer, cfg = load(run / "stage3-instruction" / "checkpoint")
     from cxrlite.data.records import TaskRecord
 
     rec = TaskRecord(
@@ -127,7 +127,7 @@ def test_lora_merge_keeps_logits(chexagent_run) -> None:
     from peft import LoraConfig, get_peft_model
 
     run, _ = chexagent_run
-    model, _, cfg = vlm.load(run / "stage3-instruction" / "checkpoint")
+    model, _, cfg = load(run / "stage3-instruction" / "checkpoint")
     model.llm = get_peft_model(
         model.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     )
@@ -152,9 +152,9 @@ def test_plan_scales_and_selects() -> None:
 
 
 def test_loss_weights_are_checked_and_weigh_the_terms() -> None:
-    from cxrlite.config import get_preset
+    from cxrlite.model.config import get_preset
+    from cxrlite.model.vision import build_vision
     from cxrlite.train.text_side import TextSide, VisionPretrainer
-    from cxrlite.vision import build_vision
 
     with pytest.raises(ValueError, match="no loss term"):
         StageDef(1, "v", "vision_pretrain", {"vision": 1e-3}, 2, 2, loss_weights={"focal": 1.0})
@@ -180,7 +180,7 @@ def test_loss_weights_are_checked_and_weigh_the_terms() -> None:
 def test_instruction_report_label_term(chexagent_run) -> None:
     """Stage 3's report-label term: answers loss + weight x label loss, read from the LLM's
     image positions; a text-only example has its labels masked out and changes nothing."""
-    from cxrlite.tokenizer import encode_example
+    from cxrlite.model.tokenizer import encode_example
     from cxrlite.train.data import collate
     from cxrlite.train.label_aux import InstructionWithLabels
     from cxrlite.train.text_side import N_REPORT_LABELS
@@ -198,7 +198,7 @@ def test_instruction_report_label_term(chexagent_run) -> None:
         )
     assert CHEXAGENT[3].loss_weight("report_labels") > 0
     run, _ = chexagent_run
-    model, tokenizer, cfg = vlm.load(run / CHEXAGENT[3].folder / "checkpoint")
+    model, tokenizer, cfg = load(run / CHEXAGENT[3].folder / "checkpoint")
     torch.manual_seed(0)
     aux = InstructionWithLabels(model, weight=2.0)
 

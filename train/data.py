@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxrlite.data.decode import load_image
-from cxrlite.data.labeler import label_report
 from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, POSITIVE, UNCERTAIN
-from cxrlite.data.preprocess import PreprocessConfig, preprocess
 from cxrlite.data.records import Study, TaskRecord
+from cxrlite.eval.labeler import label_report
+from cxrlite.imaging.decode import load_image
+from cxrlite.imaging.preprocess import PreprocessConfig, preprocess
+from cxrlite.model.tokenizer import encode_example
 from cxrlite.progress import progress_bar
-from cxrlite.tokenizer import encode_example
 
 logger = logging.getLogger(__name__)
 IGNORE = -100

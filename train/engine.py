@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cxrlite.device import resolve_device
 from cxrlite.train.checkpoint import latest_checkpoint, remove_temp_dirs
-from cxrlite.train.device import resolve_device
 from cxrlite.train.distributed import DistContext, Strategy, current_context
 from cxrlite.train.optim import ParamGroups
 from cxrlite.train.run_state import StageRun, TrainingError

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxrlite.model import CXRVLM
+from cxrlite.model.vlm import CXRVLM
 from cxrlite.train.text_side import N_REPORT_LABELS, mean_max_pool, report_label_loss
 
 

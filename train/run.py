@@ -15,15 +15,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cxrlite import model as vlm
-from cxrlite.config import ModelConfig, get_preset
 from cxrlite.data.datasets import detect_layout, load_dataset
-from cxrlite.data.preprocess import PreprocessConfig
 from cxrlite.data.records import Study
 from cxrlite.data.tasks import build_tasks
+from cxrlite.device import resolve_device
 from cxrlite.fileio import write_json
+from cxrlite.imaging.preprocess import PreprocessConfig
+from cxrlite.model.checkpoint import CONFIG_FILE
+from cxrlite.model.config import ModelConfig, get_preset
 from cxrlite.train.data import ImageStore
-from cxrlite.train.device import resolve_device
 from cxrlite.train.distributed import init_distributed
 from cxrlite.train.recipe import StageDef, plan
 from cxrlite.train.stages import StageContext, run_stage
@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 def build_config(preset: str, vision_init: str | None, llm_init: str | None) -> ModelConfig:
     """The preset's shapes, or the shapes of local pretrained weights where given."""
-    from cxrlite.language import llm_config_from_pretrained
-    from cxrlite.vision import vision_config_from_pretrained
+    from cxrlite.model.language import llm_config_from_pretrained
+    from cxrlite.model.vision import vision_config_from_pretrained
 
     cfg = get_preset(preset)
     changes: dict[str, Any] = {}
@@ -125,7 +125,7 @@ def _previous_checkpoint(out: Path, table: list[StageDef], stage: StageDef) -> P
         return None
     prev = table[position - 1]
     ckpt = out / prev.folder / "checkpoint"
-    if not (ckpt / vlm.CONFIG_FILE).is_file():
+    if not (ckpt / CONFIG_FILE).is_file():
         raise FileNotFoundError(
             f"stage {stage.index} ({stage.name}) starts from stage {prev.index}'s checkpoint "
             f"{ckpt}, which does not exist: run --stages {prev.index} first"

@@ -12,13 +12,15 @@ from typing import Any
 
 import torch
 
-from cxrlite import model as vlm
-from cxrlite.config import ModelConfig
 from cxrlite.data.records import Study, TaskRecord
 from cxrlite.data.tasks import task_mix
-from cxrlite.evaluation import generate_findings, multiple_choice_accuracy, score_findings
+from cxrlite.eval.evaluation import generate_findings, multiple_choice_accuracy, score_findings
 from cxrlite.fileio import write_json
-from cxrlite.tokenizer import bind_tokenizer, build_tokenizer
+from cxrlite.model.checkpoint import CONFIG_FILE, load, save
+from cxrlite.model.config import ModelConfig
+from cxrlite.model.tokenizer import bind_tokenizer, build_tokenizer
+from cxrlite.model.vision import select_features
+from cxrlite.model.vlm import CXRVLM
 from cxrlite.train.data import (
     ImageStore,
     ImageTextDataset,
@@ -32,7 +34,6 @@ from cxrlite.train.label_aux import InstructionWithLabels
 from cxrlite.train.recipe import LOSS_TERMS, StageDef
 from cxrlite.train.spec import StageSpec
 from cxrlite.train.text_side import TextSide, VisionPretrainer
-from cxrlite.vision import select_features
 
 logger = logging.getLogger(__name__)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -65,21 +66,21 @@ class StageContext:
 
 def _start(
     previous: Path | None, ctx: StageContext, stage_dir: Path
-) -> tuple[vlm.CXRVLM, Any, ModelConfig]:
+) -> tuple[CXRVLM, Any, ModelConfig]:
     """The previous stage's checkpoint, or (first stage) a new model and its tokenizer."""
     if previous is not None:
-        return vlm.load(previous, device=ctx.device)
+        return load(previous, device=ctx.device)
     tok_dir = stage_dir / "tokenizer"
     corpus = [s.narrative for s in ctx.splits["train"]]
     if ctx.dist.rank == 0:
         build_tokenizer(ctx.cfg, tok_dir, corpus)
     _barrier(ctx)
-    from cxrlite.tokenizer import load_tokenizer
+    from cxrlite.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tok_dir)
     cfg = bind_tokenizer(ctx.cfg, tokenizer)
     torch.manual_seed(ctx.seed)  # same initial weights on every rank and every run
-    return vlm.CXRVLM(cfg).to(ctx.device), tokenizer, cfg
+    return CXRVLM(cfg).to(ctx.device), tokenizer, cfg
 
 
 def _barrier(ctx: StageContext) -> None:
@@ -87,7 +88,7 @@ def _barrier(ctx: StageContext) -> None:
         torch.distributed.barrier()
 
 
-def _parts(model: vlm.CXRVLM) -> dict[str, list[torch.nn.Parameter]]:
+def _parts(model: CXRVLM) -> dict[str, list[torch.nn.Parameter]]:
     return {
         "vision": list(model.vision.parameters()),
         "bridger": list(model.bridger.parameters()),
@@ -95,7 +96,7 @@ def _parts(model: vlm.CXRVLM) -> dict[str, list[torch.nn.Parameter]]:
     }
 
 
-def _has_lora(model: vlm.CXRVLM) -> bool:
+def _has_lora(model: CXRVLM) -> bool:
     return any("lora_" in n for n, _ in model.llm.named_parameters())
 
 
@@ -162,7 +163,7 @@ def _report_label_f1(module: torch.nn.Module, dataset, pad_id: int, device: torc
 def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict[str, Any]:
     stage_dir = ctx.out / stage.folder
     ckpt_dir = stage_dir / "checkpoint"
-    if (ckpt_dir / vlm.CONFIG_FILE).is_file() and (stage_dir / "result.json").is_file():
+    if (ckpt_dir / CONFIG_FILE).is_file() and (stage_dir / "result.json").is_file():
         logger.info("%s: already done (%s); skipping", stage.folder, ckpt_dir)
         return json.loads((stage_dir / "result.json").read_text())
     model, tokenizer, cfg = _start(previous, ctx, stage_dir)
@@ -273,13 +274,13 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
     if stage.index == ctx.last_stage and ctx.dist.rank == 0:
         summary["quality"] = evaluate_quality(model, tokenizer, ctx)
     if ctx.dist.rank == 0:
-        vlm.save(model, tokenizer, cfg, ckpt_dir)
+        save(model, tokenizer, cfg, ckpt_dir)
         write_json(stage_dir / "result.json", summary)
     _barrier(ctx)
     return summary
 
 
-def evaluate_quality(model: vlm.CXRVLM, tokenizer: Any, ctx: StageContext) -> dict[str, Any]:
+def evaluate_quality(model: CXRVLM, tokenizer: Any, ctx: StageContext) -> dict[str, Any]:
     """Held-out (test split) quality: findings F1 from generated text, multiple-choice accuracy."""
     model.eval()
     test = ctx.splits["test"][: ctx.max_eval]

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxrlite.config import VisionConfig
 from cxrlite.data.labels import CHEXPERT_OBSERVATIONS
-from cxrlite.vision import select_features
+from cxrlite.model.config import VisionConfig
+from cxrlite.model.vision import select_features
 
 N_REPORT_LABELS = len(CHEXPERT_OBSERVATIONS)
 

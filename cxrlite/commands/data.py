@@ -38,7 +38,7 @@ def phantoms(n: int, out: Path, seed: int, size: int, workers: int) -> None:
 
     OUT gets images/<id>.png, manifest.jsonl (one study a line, with its split) and phantoms.json.
     """
-    from cxrlite.data.phantoms import generate_phantoms
+    from cxrlite.phantoms.generator import generate_phantoms
 
     t0 = time.perf_counter()
     with progress_bar("phantoms", total=n) as advance:
@@ -76,7 +76,7 @@ def phantoms(n: int, out: Path, seed: int, size: int, workers: int) -> None:
 def show(directory: Path, out: Path, n: int, cols: int) -> None:
     """Write a contact sheet of the phantoms in DIRECTORY with their labels."""
     from cxrlite.data.datasets import load_dataset
-    from cxrlite.data.sheet import contact_sheet
+    from cxrlite.phantoms.sheet import contact_sheet
 
     studies = load_dataset("phantom", directory)[:n]
     contact_sheet(studies, directory, out, cols=cols)
@@ -104,9 +104,9 @@ def inspect(files: tuple[Path, ...], png_out: Path | None, image_size: int, as_j
     """Print what was read from each DICOM/PNG/JPEG file (format, modality, photometric
     interpretation, bits stored, size, transfer syntax, window applied) or why it failed.
     Prints no patient identifiers. Exits 1 if any file failed."""
-    from cxrlite.data.decode import inspect_image, load_image
-    from cxrlite.data.errors import ImageError
-    from cxrlite.data.preprocess import PreprocessConfig, preprocess, to_display_png
+    from cxrlite.imaging.decode import inspect_image, load_image
+    from cxrlite.imaging.errors import ImageError
+    from cxrlite.imaging.preprocess import PreprocessConfig, preprocess, to_display_png
 
     cfg = PreprocessConfig(image_size=image_size)
     failed = 0
@@ -159,7 +159,7 @@ def label(source: Path, out: Path) -> None:
     SOURCE is a .txt file (one report per line) or JSONL with `id` and `text`. Writes one
     {"id": ..., "labels": {...}} per report.
     """
-    from cxrlite.data.labeler import label_report
+    from cxrlite.eval.labeler import label_report
     from cxrlite.fileio import read_jsonl, write_jsonl
 
     if source.suffix.lower() in (".jsonl", ".json"):
@@ -252,8 +252,8 @@ def dicom(image: Path, out: Path, monochrome1: bool) -> None:
     to try the DICOM path end to end."""
     import numpy as np
 
-    from cxrlite.data.decode import load_image
-    from cxrlite.data.dicomio import write_dicom
+    from cxrlite.imaging.decode import load_image
+    from cxrlite.imaging.write import write_dicom
 
     pixels = np.round(load_image(image).pixels * 4095).astype(np.uint16)
     if monochrome1:

@@ -4,9 +4,9 @@ Multiple choice (view, binary disease, single / multi disease identification, lo
 severity VQA, hard-negative image-text reasoning) is scored by option log-likelihood; findings
 generation by the report labeler (14-observation and 5-core-finding micro/macro F1), ROUGE-L and
 BLEU; perplexity on the reference reports; fairness as findings F1 by sex and age band. Every
-figure has a seeded bootstrap 95% interval (cxrlite.metrics). Runs go through cxrlite.runtime, so
+figure has a seeded bootstrap 95% interval (cxrlite.eval.metrics). Runs go through cxrlite.runtime, so
 a checkpoint (torch backends) and a bundle's variants are measured by the same code, the one the
-quantization quality gate uses (cxrlite.quality.run_variant); this module adds the intervals.
+quantization quality gate uses (cxrlite.eval.quality.run_variant); this module adds the intervals.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def checkpoint_runtime(ckpt: Path, threads: int | None = None) -> Any:
     """A Runtime over a checkpoint's own PyTorch model (torch vision + torch LLM backends)."""
     import torch
 
-    from cxrlite.data.preprocess import PreprocessConfig
-    from cxrlite.model import load
+    from cxrlite.imaging.preprocess import PreprocessConfig
+    from cxrlite.model.checkpoint import load
     from cxrlite.runtime import Runtime, TorchLLMBackend, TorchVision
 
     if threads:
@@ -79,7 +79,7 @@ def eval_targets(target: Path, variants: str, threads: int | None) -> list[tuple
     PyTorch reference when the bundle's source checkpoint is present."""
     if (target / "config.json").is_file() and not (target / "manifest.json").is_file():
         return [(REFERENCE, lambda: checkpoint_runtime(target, threads))]
-    from cxrlite.export.bundle import load_bundle
+    from cxrlite.bundle import load_bundle
     from cxrlite.runtime import BackendError, Runtime
     from cxrlite.runtime.plan import reference_checkpoint
 
@@ -121,10 +121,10 @@ def evaluate_runtime(
     runtime: Any, studies: list[Any], records: list[Any], *, max_tokens: int, n_boot: int, seed: int
 ) -> dict[str, Any]:
     """Every metric of one runtime on the studies and MC records, with bootstrap intervals."""
-    from cxrlite.data.labeler import label_report
     from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, CORE_FINDINGS
     from cxrlite.data.tasks import study_chexpert
-    from cxrlite.metrics import (
+    from cxrlite.eval.labeler import label_report
+    from cxrlite.eval.metrics import (
         f1_cis,
         fairness_breakdown,
         group_of,
@@ -132,7 +132,7 @@ def evaluate_runtime(
         resample_indices,
         text_metric_cis,
     )
-    from cxrlite.quality import run_variant
+    from cxrlite.eval.quality import run_variant
 
     texts = [s.narrative for s in studies if s.narrative]
     out = run_variant(runtime, studies, records, texts, max_tokens=max_tokens)

@@ -110,7 +110,17 @@ def export(
 def _parity_text(parity: dict | None) -> str:
     if not parity:
         return "-"
-    shown = {k: v for k, v in parity.items() if k.startswith(("max_abs_diff", "max_rel", "mean_cosine", "passed"))}
+    shown = {
+        k: v
+        for k, v in parity.items()
+        if k.startswith(("max_abs_diff", "max_rel", "mean_cosine", "passed"))
+    }
     # cosine to 6 digits: int8's 0.9999 must not print as 1
-    return ", ".join(f"{k}={v:.6g}" if k == "mean_cosine" else f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in shown.items())
+    return ", ".join(
+        f"{k}={v:.6g}"
+        if k == "mean_cosine"
+        else f"{k}={v:.3g}"
+        if isinstance(v, float)
+        else f"{k}={v}"
+        for k, v in shown.items()
+    )

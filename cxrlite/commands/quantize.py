@@ -34,8 +34,8 @@ def calibration_texts(path: Path | None, n: int = 128, seed: int = 0) -> list[st
         return texts
     import numpy as np
 
-    from cxrlite.data.phantoms import sample_labels
-    from cxrlite.data.reports import write_report
+    from cxrlite.phantoms.generator import sample_labels
+    from cxrlite.phantoms.reports import write_report
 
     rng, text_rng = np.random.default_rng(seed), random.Random(seed)
     return [" ".join(write_report(sample_labels(rng), text_rng)) for _ in range(n)]
@@ -65,7 +65,8 @@ def gptq_variant_builder(
     checkpoint: Path, texts: list[str], bits: int, group_size: int, act_order: bool
 ):
     def add(staging: Path) -> dict[str, Any]:
-        from cxrlite.quantize.gptq import gptq_format_check, quantize_gptq
+        from cxrlite.quantize.gptq import quantize_gptq
+        from cxrlite.runtime.gptq import gptq_format_check
 
         rel = "llm/gptq"
         out = quantize_gptq(
@@ -122,7 +123,8 @@ def quantize(bundle_dir: Path, qtypes: list[str], imatrix: bool, gptq: bool, bit
     (findings F1 through the report labeler, multiple-choice accuracy, perplexity on reports); the
     results go into the manifest, and a variant that loses more than --max-f1-drop points of F1 is
     not deployable (never made the default) unless --force."""
-    from cxrlite.export.bundle import load_bundle, update_bundle
+    from cxrlite.bundle import load_bundle
+    from cxrlite.export.bundle import update_bundle
     from cxrlite.runtime.plan import reference_checkpoint
 
     bundle = load_bundle(bundle_dir)
@@ -157,12 +159,19 @@ def quantize(bundle_dir: Path, qtypes: list[str], imatrix: bool, gptq: bool, bit
 # fmt: on
 
 
-def gate_variants(bundle_dir: Path, names: list[str], checkpoint: Path | None, n: int, max_drop: float,
-                  force: bool, threads: int | None) -> dict[str, dict[str, Any]]:
+def gate_variants(
+    bundle_dir: Path,
+    names: list[str],
+    checkpoint: Path | None,
+    n: int,
+    max_drop: float,
+    force: bool,
+    threads: int | None,
+) -> dict[str, dict[str, Any]]:
     """Score the fp32 reference and each variant on the same held-out phantoms; gate each."""
     if n == 0:
         return {name: {"deployable": force, "forced": force, "evaluated": False} for name in names}
-    from cxrlite.quality import evaluate_variant, held_out_phantoms, quality_gate
+    from cxrlite.eval.quality import evaluate_variant, held_out_phantoms, quality_gate
     from cxrlite.runtime import Runtime
 
     out: dict[str, dict[str, Any]] = {}
@@ -176,12 +185,21 @@ def gate_variants(bundle_dir: Path, names: list[str], checkpoint: Path | None, n
                 runtime.close()
 
         reference = score(vision_backend="torch", llm_backend="torch", checkpoint=checkpoint)
-        out["reference"] = {"reference": "fp32 checkpoint, PyTorch", "evaluated": True, **_summary(reference)}
+        out["reference"] = {
+            "reference": "fp32 checkpoint, PyTorch",
+            "evaluated": True,
+            **_summary(reference),
+        }
         for name in names:
             result = score(vision_backend="onnx", llm_variant=name)
             passed, deltas = quality_gate(reference, result, max_f1_drop=max_drop)
-            out[name] = {"deployable": passed or force, "forced": force and not passed, "evaluated": True,
-                         "deltas": deltas, **_summary(result)}
+            out[name] = {
+                "deployable": passed or force,
+                "forced": force and not passed,
+                "evaluated": True,
+                "deltas": deltas,
+                **_summary(result),
+            }
     return out
 
 
@@ -193,8 +211,11 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
 def _best(bundle: Any, quality: dict[str, dict[str, Any]]) -> str | None:
     """The smallest deployable GGUF variant (llama.cpp runs everywhere); else the current default."""
     files = bundle.manifest["files"]
-    candidates = [name for name, q in quality.items()
-                  if q.get("deployable") and bundle.llm_variants.get(name, {}).get("kind") == "gguf"]
+    candidates = [
+        name
+        for name, q in quality.items()
+        if q.get("deployable") and bundle.llm_variants.get(name, {}).get("kind") == "gguf"
+    ]
     if not candidates:
         return bundle.manifest["default"]["llm"]
     return min(candidates, key=lambda name: files[bundle.llm_variants[name]["file"]]["size"])
@@ -203,6 +224,10 @@ def _best(bundle: Any, quality: dict[str, dict[str, Any]]) -> str | None:
 def _echo_variant(bundle: Any, name: str) -> str:
     entry = bundle.llm_variants[name]
     files = bundle.manifest["files"]
-    size = sum(rec["size"] for rel, rec in files.items() if rel == entry["file"] or rel.startswith(entry["file"] + "/"))
+    size = sum(
+        rec["size"]
+        for rel, rec in files.items()
+        if rel == entry["file"] or rel.startswith(entry["file"] + "/")
+    )
     click.echo(f"  llm {name:14s} {entry['file']}  {size / 2**20:.2f} MiB")
     return name

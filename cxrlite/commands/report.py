@@ -23,7 +23,7 @@ _SNIFF_BYTES = 132  # DICOM's preamble + "DICM"
 
 
 def _looks_like_image(path: Path) -> bool:
-    from cxrlite.data.decode import sniff_format
+    from cxrlite.imaging.decode import sniff_format
 
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return True
@@ -120,7 +120,7 @@ def report(ctx: click.Context, images: tuple[Path, ...], bundle_dir: Path, as_js
     started = time.perf_counter()
 
     def results() -> Iterator[dict[str, Any]]:
-        from cxrlite.data.errors import ImageError
+        from cxrlite.imaging.errors import ImageError
 
         with progress_bar(
             "report", total=len(files), enabled=None if len(files) > 1 else False

@@ -40,7 +40,7 @@ from cxrlite.data.labels import (
     UNCERTAIN,
 )
 from cxrlite.data.records import SPLITS, Study
-from cxrlite.data.report_sections import findings_and_impression
+from cxrlite.eval.sections import findings_and_impression
 from cxrlite.fileio import read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -302,11 +302,11 @@ def load_chexpert(
 
 
 def _labeler() -> Callable[[str], Any] | None:
-    """cxrlite.data.labeler.label_report if that module is installed (a broken one raises)."""
+    """cxrlite.eval.labeler.label_report if that module is installed (a broken one raises)."""
     try:
-        from cxrlite.data.labeler import label_report
+        from cxrlite.eval.labeler import label_report
     except ModuleNotFoundError as e:
-        if e.name != "cxrlite.data.labeler":
+        if e.name != "cxrlite.eval.labeler":
             raise
         return None
     return label_report

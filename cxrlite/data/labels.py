@@ -1,7 +1,7 @@
 """Structured ground truth of a study and the CheXpert observation vocabulary.
 
 `StudyLabels` is what the phantom generator samples and draws; reports are written from it, and
-`cxrlite.data.reports.chexpert_truth(labels)` is the 14-observation truth the labeler and `eval`
+`cxrlite.phantoms.reports.chexpert_truth(labels)` is the 14-observation truth the labeler and `eval`
 score against.
 Real datasets carry only the 14 CheXpert labels (see `records.Study.chexpert`).
 """

@@ -28,6 +28,14 @@ from cxrlite.data.labels import (
     VIEWS,
     StudyLabels,
 )
+from cxrlite.data.prompts import (
+    FINDINGS_PROMPTS,
+    IMPRESSION_PROMPTS,
+    SUMMARY_PROMPTS,
+    VIEW_QUESTIONS,
+    choice_prompt,
+    summary_prompt,
+)
 from cxrlite.data.records import Study, TaskRecord
 from cxrlite.fileio import read_jsonl, write_jsonl
 
@@ -68,36 +76,16 @@ YES_NO = ["yes", "no"]
 NONE_OF_THESE = "none of these"
 SIDES_OR_BOTH = [*SIDES, "bilateral"]
 
-FINDINGS_PROMPTS = (
-    "Describe the findings in this chest X-ray.",
-    "Write the findings section of the radiology report for this chest X-ray.",
-    "What are the findings in this chest radiograph?",
-    "Generate the findings for this chest X-ray.",
-)
-IMPRESSION_PROMPTS = (
-    "Write the impression for this chest X-ray.",
-    "What is the impression of this chest radiograph?",
-    "Summarize this chest X-ray in an impression.",
-)
-SUMMARY_PROMPTS = (
-    "Summarize these chest X-ray findings into an impression.",
-    "Write the impression for a chest X-ray report with these findings.",
-)
-VIEW_QUESTIONS = (
-    "What is the view of this chest X-ray?",
-    "Is this chest X-ray a PA or an AP view?",
-)
-
 
 def _choice(question: str, answer: str, options: Sequence[str]) -> TaskItem:
-    return TaskItem(f"{question}\nOptions: {'; '.join(options)}", answer, list(options))
+    return TaskItem(choice_prompt(question, options), answer, list(options))
 
 
 def study_chexpert(study: Study) -> dict[str, str]:
     """The study's CheXpert labels; a phantom without them gets those its report states."""
     if study.chexpert or study.labels is None:
         return study.chexpert
-    from cxrlite.data.reports import chexpert_truth  # phantom-only, so imported only here
+    from cxrlite.phantoms.reports import chexpert_truth
 
     return chexpert_truth(study.labels)
 
@@ -134,7 +122,7 @@ def _impression_generation(study: Study, rng: random.Random) -> list[TaskItem]:
 def _findings_summarization(study: Study, rng: random.Random) -> list[TaskItem]:
     if not (study.findings and study.impression):
         return []
-    prompt = f"{rng.choice(SUMMARY_PROMPTS)}\nFindings: {study.findings}"
+    prompt = summary_prompt(study.findings, rng.choice(SUMMARY_PROMPTS))
     return [TaskItem(prompt, study.impression)]
 
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from cxrlite.data.decode import DecodedImage, load_image
-from cxrlite.data.errors import ImageError
-from cxrlite.data.preprocess import preprocess
+from cxrlite.imaging.decode import DecodedImage, load_image
+from cxrlite.imaging.errors import ImageError
+from cxrlite.imaging.preprocess import preprocess
 from cxrlite.runtime.cache import DEFAULT_MAX_BYTES, EmbeddingCache, bytes_key, pixels_key
 from cxrlite.runtime.generation import Completion, Generation
 from cxrlite.runtime.llm import LLMBackend, open_llm
@@ -128,8 +128,8 @@ class Runtime:
         the torch reference. `kv_type="f32", flash_attn=False` is llama.cpp's exact f32 path.
         `prefix_cache` keeps the KV cache of a prompt prefix shared with the previous generation
         (llama.cpp backends; outputs are the same either way, only prefill gets shorter)."""
-        from cxrlite.export.bundle import load_bundle
-        from cxrlite.tokenizer import load_tokenizer
+        from cxrlite.bundle import load_bundle
+        from cxrlite.model.tokenizer import load_tokenizer
 
         bundle = load_bundle(bundle_dir, verify=verify)
         vision_variants = bundle.vision_variants
@@ -309,7 +309,7 @@ class Runtime:
 
     def prompt_ids(self, prompt: Prompt, with_image: bool) -> list[int]:
         """Token ids of the generation prompt, with one image token iff `with_image`."""
-        from cxrlite.tokenizer import format_prompt
+        from cxrlite.model.tokenizer import format_prompt
 
         if isinstance(prompt, str):
             text = format_prompt(self.tokenizer, prompt, with_image)
@@ -420,17 +420,17 @@ class Runtime:
         Setting
         `cancelled` (any thread) stops it before its next token; the impression is then not
         started and `finish_reason` is "cancelled"."""
-        from cxrlite.data.labeler import label_report
-        from cxrlite.data.tasks import SUMMARY_PROMPTS
-        from cxrlite.evaluation import FINDINGS_PROMPT
+        from cxrlite.data.prompts import FINDINGS_PROMPT, summary_prompt
+        from cxrlite.eval.labeler import label_report
 
         t0 = time.perf_counter()
         encoded = self.image_embeddings(image)
         findings = self.complete(
             FINDINGS_PROMPT, encoded, max_tokens=max_tokens, cancelled=cancelled
         )
-        summary_prompt = f"{SUMMARY_PROMPTS[0]}\nFindings: {findings.text.strip()}"
-        impression = self.complete(summary_prompt, None, max_tokens=max_tokens, cancelled=cancelled)
+        impression = self.complete(
+            summary_prompt(findings.text.strip()), None, max_tokens=max_tokens, cancelled=cancelled
+        )
         text = f"FINDINGS: {findings.text.strip()}\nIMPRESSION: {impression.text.strip()}"
         phase = ("queue_ms", "prefill_ms", "decode_ms", "tokens_per_s", "total_ms")
         return {
@@ -462,8 +462,8 @@ class Runtime:
         self, prompt: str, options: Sequence[str], image: Image | None = None
     ) -> list[float]:
         """Sum of each option's answer-token log-probabilities (its EOS included), encoded as
-        training encodes answers (cxrlite.tokenizer.encode_example)."""
-        from cxrlite.tokenizer import encode_example
+        training encodes answers (cxrlite.model.tokenizer.encode_example)."""
+        from cxrlite.model.tokenizer import encode_example
 
         embeds = self.image_embeddings(image).embeds if image is not None else None
         scores = []
@@ -505,13 +505,13 @@ def _load_reference(
     only its vision tower (export.onnx.VisionTower, on the CPU) when the LLM is not torch."""
     import torch
 
-    from cxrlite.model import load
+    from cxrlite.model.checkpoint import load
 
     path: Path = reference_checkpoint(bundle, checkpoint)
     if threads:
         torch.set_num_threads(threads)  # process-wide: torch has no per-model thread count
     if vision_only:
-        from cxrlite.export.onnx import load_vision_tower
+        from cxrlite.model.checkpoint import load_vision_tower
 
         return load_vision_tower(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"

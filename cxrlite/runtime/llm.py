@@ -8,7 +8,7 @@ sequence; the engine uses it when a backend has it),
 `step(token)` appends one token and returns the next logits, `score(segments, answer_ids)`
 returns each answer token's log-probability (multiple choice, perplexity).
 
-- `LlamaCppBackend`: a GGUF through `cxrlite.runtime_llama.LlamaCppLLM` (embeddings enter through
+- `LlamaCppBackend`: a GGUF through `cxrlite.runtime.llamacpp.LlamaCppLLM` (embeddings enter through
   `llama_batch.embd`); GPU offload with `n_gpu_layers` when the llama.cpp build has it.
 - `TorchLLMBackend`: a transformers LlamaForCausalLM with `inputs_embeds` and a KV cache: the
   PyTorch reference (`CXRVLM.llm`) or a GPTQ model (`cxrlite.quantize.gptq.load_gptq_llm`).
@@ -75,7 +75,11 @@ class LlamaCppBackend:
         flash_attn: bool | None = None,
         state_cache_bytes: int | None = None,
     ) -> None:
-        from cxrlite.runtime_llama import DEFAULT_STATE_CACHE_BYTES, LlamaCppLLM, import_llama_cpp
+        from cxrlite.runtime.llamacpp import (
+            DEFAULT_STATE_CACHE_BYTES,
+            LlamaCppLLM,
+            import_llama_cpp,
+        )
 
         if n_gpu_layers and not import_llama_cpp().llama_supports_gpu_offload():
             logger.warning("this llama.cpp build has no GPU offload; running on the CPU")
@@ -225,7 +229,7 @@ def open_llm(
     if choice.backend == "gptq":
         import torch
 
-        from cxrlite.quantize.gptq import load_gptq_llm
+        from cxrlite.runtime.gptq import load_gptq_llm
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         return TorchLLMBackend(load_gptq_llm(path, device=device), choice.variant, n_ctx=n_ctx)

@@ -67,12 +67,12 @@ def probe_hardware(tensorrt: bool = False) -> Hardware:
         providers = tuple(onnxruntime.get_available_providers())
     llama, offload = importlib.util.find_spec("llama_cpp") is not None, False
     if llama:
-        from cxrlite.runtime_llama import import_llama_cpp
+        from cxrlite.runtime.llamacpp import import_llama_cpp
 
         offload = bool(import_llama_cpp().llama_supports_gpu_offload())
     trt_gpu, trt_error = None, None
     if tensorrt:
-        from cxrlite.export.tensorrt import TensorRTError, require_tensorrt
+        from cxrlite.runtime.tensorrt_runner import TensorRTError, require_tensorrt
 
         try:
             trt_gpu = require_tensorrt()
@@ -96,7 +96,7 @@ def _by_kind(variants: dict[str, dict[str, Any]], kinds: dict[str, str], backend
 def _engine_usable(entry: dict[str, Any], hw: Hardware) -> tuple[bool, str]:
     if hw.trt_gpu is None:
         return False, hw.trt_error or "TensorRT is not available on this machine"
-    from cxrlite.export.tensorrt import engine_matches
+    from cxrlite.runtime.tensorrt_runner import engine_matches
 
     return engine_matches(entry.get("engine") or {}, hw.trt_gpu)
 
@@ -219,8 +219,8 @@ def reference_checkpoint(bundle: Any, checkpoint: str | os.PathLike | None = Non
     """The checkpoint the bundle was exported from (manifest source.path, or `checkpoint`),
     refused unless its weights' sha256 is the one the manifest recorded: a reference that is not
     the bundle's own model would make every comparison meaningless."""
-    from cxrlite.export.bundle import sha256_file
-    from cxrlite.model import WEIGHTS_FILE
+    from cxrlite.bundle import sha256_file
+    from cxrlite.model.checkpoint import WEIGHTS_FILE
 
     source = bundle.manifest.get("source") or {}
     path = Path(checkpoint) if checkpoint is not None else Path(source.get("path") or "")

@@ -46,11 +46,12 @@ class OnnxVision:
         providers: list[Any] | None = None,
         threads: int | None = None,
     ) -> None:
-        from cxrlite.export.onnx import INPUT_NAME, OUTPUT_NAME, onnx_session
+        from cxrlite.bundle import VISION_INPUT, VISION_OUTPUT
+        from cxrlite.runtime.onnx_runner import onnx_session
 
         self.name, self.path = name, Path(path)
         self.session = onnx_session(self.path, providers, threads=threads)
-        self._io = (INPUT_NAME, OUTPUT_NAME)
+        self._io = (VISION_INPUT, VISION_OUTPUT)
         first = self.session.get_providers()[0]
         self.device = "cpu" if first == "CPUExecutionProvider" else "cuda"
         self.providers = list(self.session.get_providers())
@@ -63,7 +64,7 @@ class OnnxVision:
 
 class TensorRTVision:
     def __init__(self, path: str | os.PathLike, name: str, meta: dict[str, Any]) -> None:
-        from cxrlite.export.tensorrt import TensorRTVisionRunner
+        from cxrlite.runtime.tensorrt_runner import TensorRTVisionRunner
 
         self.name, self.path, self.device = name, Path(path), "cuda"
         self.runner = TensorRTVisionRunner(path, meta)
@@ -102,7 +103,7 @@ def open_vision(
 ) -> VisionBackend:
     """The backend for a plan `Choice` (cxrlite.runtime.plan); `tower` is the reference model
     for the torch backend."""
-    from cxrlite.export.onnx import default_providers
+    from cxrlite.runtime.onnx_runner import default_providers
 
     if choice.backend == "torch":
         if tower is None:

@@ -33,8 +33,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.middleware.cors import CORSMiddleware
 
 from cxrlite import __version__
-from cxrlite.data.decode import DEFAULT_MAX_PIXELS, load_image
-from cxrlite.data.errors import ImageError
+from cxrlite.imaging.decode import DEFAULT_MAX_PIXELS, load_image
+from cxrlite.imaging.errors import ImageError
 from cxrlite.server.metrics import ServerMetrics
 from cxrlite.server.scheduler import Job, JobTimeout, QueueFull, Scheduler, SchedulerStopped
 from cxrlite.server.schemas import (
@@ -324,8 +324,7 @@ def _warm_decoders() -> None:
     (~0.2 s), which would otherwise land on the first user's request."""
     import numpy as np
 
-    from cxrlite.data.dicomio import dicom_bytes
-    from cxrlite.data.phantoms import png_bytes
+    from cxrlite.imaging.write import dicom_bytes, png_bytes
 
     gradient = np.tile(np.arange(16, dtype=np.uint8) * 16, (16, 1))
     for data in (png_bytes(gradient), dicom_bytes(gradient)):

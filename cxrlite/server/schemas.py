@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from cxrlite.data.errors import ImageError
+from cxrlite.imaging.errors import ImageError
 
 if TYPE_CHECKING:
     from cxrlite.server.metrics import ServerMetrics
@@ -159,7 +159,7 @@ class ChatCompletionRequest(_Model):
 
 @dataclass
 class ChatPrompt:
-    messages: list[dict[str, Any]]  # the runtime's chat format (cxrlite.tokenizer's template)
+    messages: list[dict[str, Any]]  # the runtime's chat format (cxrlite.model.tokenizer's template)
     image_url: str | None  # the one image, as sent (data URL or remote URL)
 
 

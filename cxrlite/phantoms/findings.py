@@ -46,14 +46,7 @@ from cxrlite.data.labels import (
     Pneumothorax,
     lobe_side,
 )
-from cxrlite.data.phantom_anatomy import (
-    Anatomy,
-    Frame,
-    side_sign,
-    smooth_noise,
-    soft,
-    spline,
-)
+from cxrlite.phantoms.anatomy import Anatomy, Frame, side_sign, smooth_noise, soft, spline
 
 EFFUSION_HEIGHT = {"small": 0.3, "moderate": 0.5, "large": 0.75}  # of the lung height
 PNEUMOTHORAX_GAP = {"small": 0.07, "large": 0.17}  # apical gap, canonical units

@@ -1,4 +1,4 @@
-"""Write DICOM files from pixel arrays (phantoms, test fixtures, the demo).
+"""Write PNG and DICOM files from pixel arrays (phantoms, test fixtures, the demo, warm-up).
 
 Each file is a well-formed Part 10 file (preamble, file meta, SOP class and instance UIDs,
 image pixel module); it does not carry every Type 1 attribute of the DX IOD (detector and
@@ -48,6 +48,13 @@ from cxrlite.fileio import atomic_write_bytes
 
 NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2", "RGB")
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """An 8- or 16-bit gray (or RGB) array as PNG file bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
 
 
 class VoiLut(NamedTuple):

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from cxrlite.data.preprocess import PreprocessConfig
+from cxrlite.imaging.preprocess import PreprocessConfig
 
 VISION_KINDS = ("siglip", "clip")
 BRIDGER_KINDS = ("mlp", "qformer")
@@ -189,10 +189,10 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     bridger: BridgerConfig = field(default_factory=BridgerConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
-    # A PreprocessConfig dict (cxrlite.data.preprocess); None means default_preprocess(vision).
+    # A PreprocessConfig dict (cxrlite.imaging.preprocess); None means default_preprocess(vision).
     preprocess: dict[str, Any] | None = None
     image_token: str = DEFAULT_IMAGE_TOKEN
-    # Set once a tokenizer is bound (cxrlite.tokenizer.bind_tokenizer).
+    # Set once a tokenizer is bound (cxrlite.model.tokenizer.bind_tokenizer).
     image_token_id: int | None = None
     prompt_template: str = "cxr-chat-v1"
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from cxrlite.config import DEFAULT_IMAGE_TOKEN, ModelConfig
+from cxrlite.model.config import DEFAULT_IMAGE_TOKEN, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,9 @@ def format_prompt(template: Any, prompt: str, with_image: bool = True) -> str:
     if isinstance(template, str):
         return _render(template, _messages(prompt, with_image), add_generation_prompt=True)
     if not getattr(template, "chat_template", None):
-        raise TokenizerError("this tokenizer has no chat_template; build it with cxrlite.tokenizer")
+        raise TokenizerError(
+            "this tokenizer has no chat_template; build it with cxrlite.model.tokenizer"
+        )
     return template.apply_chat_template(
         _messages(prompt, with_image), tokenize=False, add_generation_prompt=True
     )

@@ -2,7 +2,7 @@
 
 - Findings F1 (CheXbert style): "positive" vs everything else per observation, micro (pooled
   counts) and macro (mean of per-observation F1, 0 where an observation has no positive in
-  truth or prediction), exactly as `cxrlite.data.labeler.findings_f1` defines them, but computed
+  truth or prediction), exactly as `cxrlite.eval.labeler.findings_f1` defines them, but computed
   from boolean matrices so a bootstrap can recompute it a thousand times cheaply.
 - ROUGE-L: the `rouge-score` package (Google's reference implementation), F-measure per pair,
   averaged.

@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from cxrlite.data.labeler import findings_f1, label_report
 from cxrlite.data.labels import CORE_FINDINGS
+from cxrlite.data.prompts import FINDINGS_PROMPT
 from cxrlite.data.records import Study, TaskRecord
-from cxrlite.tokenizer import encode_example
+from cxrlite.eval.labeler import findings_f1, label_report
+from cxrlite.model.tokenizer import encode_example
 
 logger = logging.getLogger(__name__)
 
-FINDINGS_PROMPT = "Describe the findings in this chest X-ray."
 
 PixelsFor = Callable[[str], torch.Tensor]  # image path -> preprocessed [C, S, S]
 

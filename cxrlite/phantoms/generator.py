@@ -12,7 +12,6 @@ workers or the order of generation.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import multiprocessing
@@ -22,9 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from cxrlite.data import phantom_findings as fnd
 from cxrlite.data.labels import (
     LOBES,
     Atelectasis,
@@ -35,7 +32,11 @@ from cxrlite.data.labels import (
     Pneumothorax,
     StudyLabels,
 )
-from cxrlite.data.phantom_anatomy import (
+from cxrlite.data.records import Study
+from cxrlite.fileio import atomic_write_bytes, write_json, write_jsonl
+from cxrlite.imaging.write import png_bytes
+from cxrlite.phantoms import findings as fnd
+from cxrlite.phantoms.anatomy import (
     Frame,
     airways,
     aortic_knob_calcification,
@@ -51,9 +52,7 @@ from cxrlite.data.phantom_anatomy import (
     soft,
     spine,
 )
-from cxrlite.data.records import Study
-from cxrlite.data.reports import chexpert_truth, write_report
-from cxrlite.fileio import atomic_write_bytes, write_json, write_jsonl
+from cxrlite.phantoms.reports import chexpert_truth, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -317,12 +316,6 @@ def make_phantom_study(seed: int, index: int, size: int = 256) -> tuple[Study, n
     return study, pixels
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", compress_level=3)
-    return buf.getvalue()
-
-
 def _write_one(index: int, seed: int, size: int, out_dir: str) -> Study:
     """Worker: render and write one image (module level so spawned processes can import it)."""
     study, pixels = make_phantom_study(seed, index, size)
@@ -367,7 +360,7 @@ def generate_phantoms(
     write_json(
         out / "phantoms.json",
         {
-            "generator": "cxrlite.data.phantoms",
+            "generator": "cxrlite.phantoms.generator",
             "version": GENERATOR_VERSION,
             "seed": seed,
             "n": n,

@@ -5,7 +5,7 @@ grayscale pipeline: stored values -> Modality LUT (rescale slope/intercept) -> V
 window center/width (or min-max when the file has neither) -> MONOCHROME1 inversion, so bright
 always means dense. PNG and JPEG are scaled by their bit depth. Color becomes luminance.
 
-Bad input raises a typed `ImageError` (cxrlite.data.errors). Dimensions are checked from the
+Bad input raises a typed `ImageError` (cxrlite.imaging.errors). Dimensions are checked from the
 header before any pixel is decoded, so a file claiming 100000 x 100000 pixels fails at once.
 Nothing here logs or returns patient identifiers: only technical header fields are read.
 """
@@ -32,7 +32,7 @@ from pydicom.pixels import (
 )
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from cxrlite.data.errors import (
+from cxrlite.imaging.errors import (
     DegenerateImageError,
     ImageError,
     ImageTooLargeError,

@@ -17,7 +17,7 @@ exactly as every such report states them, independent of the wording drawn:
 - No Finding positive iff the study has no pathology (devices do not count), else not
   mentioned, which is what the CheXpert rule gives from the labels above.
 
-`cxrlite.data.labeler.label_report(findings + " " + impression)` returns `chexpert_truth`
+`cxrlite.eval.labeler.label_report(findings + " " + impression)` returns `chexpert_truth`
 exactly; tests/test_reports.py holds that for thousands of label combinations.
 """
 

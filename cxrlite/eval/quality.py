@@ -24,9 +24,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cxrlite.data.labeler import findings_f1, label_report
 from cxrlite.data.labels import CORE_FINDINGS
 from cxrlite.data.records import Study, TaskRecord
+from cxrlite.eval.labeler import findings_f1, label_report
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def run_variant(
 ) -> VariantOutputs:
     """Greedy findings for each study, the option chosen by likelihood for each multiple-choice
     record (records without options are skipped), perplexity of the report texts."""
-    from cxrlite.evaluation import FINDINGS_PROMPT
+    from cxrlite.data.prompts import FINDINGS_PROMPT
 
     root = Path(image_root) if image_root is not None else None
     started = time.perf_counter()
@@ -183,9 +183,10 @@ def held_out_phantoms(
     """`n` phantoms from the test split of `seed` (never in a training set drawn from its train
     split), written as PNGs, with their multiple-choice tasks: quality data for bundles whose
     training data is not at hand."""
-    from cxrlite.data.phantoms import make_phantom_study, png_bytes, study_split
     from cxrlite.data.tasks import build_tasks
     from cxrlite.fileio import atomic_write_bytes
+    from cxrlite.imaging.write import png_bytes
+    from cxrlite.phantoms.generator import make_phantom_study, study_split
 
     if n < 1:
         raise ValueError(f"held_out_phantoms: n must be >= 1, got {n}")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxrlite.config import LLMConfig
+from cxrlite.model.config import LLMConfig
 
 logger = logging.getLogger(__name__)
 

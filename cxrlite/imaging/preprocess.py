@@ -88,7 +88,9 @@ def preprocess(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     # only removes float rounding at the ends.
     canvas[top : top + new_h, left : left + new_w] = np.clip(np.asarray(resized), 0.0, 1.0)
     normalized = (canvas - np.float32(cfg.mean)) / np.float32(cfg.std)
-    return np.repeat(normalized[None], cfg.channels, axis=0).astype(np.float32, copy=False)  # writable
+    return np.repeat(normalized[None], cfg.channels, axis=0).astype(
+        np.float32, copy=False
+    )  # writable
 
 
 def preprocess_batch(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarray:

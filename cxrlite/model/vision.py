@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxrlite.config import VisionConfig
+from cxrlite.model.config import VisionConfig
 
 logger = logging.getLogger(__name__)
 

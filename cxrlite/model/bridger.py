@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cxrlite.config import BridgerConfig
+from cxrlite.model.config import BridgerConfig
 
 
 class MLPBridger(nn.Module):
