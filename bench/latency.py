@@ -47,6 +47,7 @@ import numpy as np
 
 from cxrlite.bench.report import summarize
 from cxrlite.data.prompts import FINDINGS_PROMPT
+from cxrlite.errors import CxrliteError
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ REPEAT_QUESTION = "Is there a pleural effusion?"  # the follow-up question about
 JOB_TIMEOUT_S = 3600
 
 
-class BenchError(ValueError):
+class BenchError(CxrliteError, ValueError):
     """A benchmark cannot run as asked (bad bundle, no backend to measure, bad settings)."""
 
 

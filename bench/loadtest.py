@@ -38,6 +38,7 @@ from urllib.parse import urlparse
 
 from cxrlite.bench.report import summarize
 from cxrlite.data.prompts import FINDINGS_PROMPT
+from cxrlite.errors import CxrliteError
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ DEFAULT_PROMPT = FINDINGS_PROMPT
 CHAT_PATH = "/v1/chat/completions"
 
 
-class LoadTestError(ValueError):
+class LoadTestError(CxrliteError, ValueError):
     """The load test cannot run as asked (remote host without --allow-remote, bad image...)."""
 
 

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cxrlite.errors import CxrliteError
+
 logger = logging.getLogger(__name__)
 
 STOP_GRACE_S = 20.0
 
 
-class ServerCompareError(RuntimeError):
+class ServerCompareError(CxrliteError, RuntimeError):
     """A server could not be started or the bundle cannot be compared."""
 
 

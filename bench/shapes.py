@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxrlite.errors import CxrliteError
 from cxrlite.model.config import ModelConfig, get_preset
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ CUDA_OVERHEAD_BYTES = (
 )  # CUDA context + cuBLAS workspace + allocator slack, measured typical
 
 
-class ShapeError(ValueError):
+class ShapeError(CxrliteError, ValueError):
     """A shape cannot be built as asked (unknown preset, bad override, unsupported variant)."""
 
 

@@ -7,10 +7,12 @@ from typing import NamedTuple
 
 import torch
 
+from cxrlite.errors import CxrliteError
+
 logger = logging.getLogger(__name__)
 
 
-class DeviceError(ValueError):
+class DeviceError(CxrliteError, ValueError):
     """The requested device does not exist on this machine."""
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxrlite.errors import CxrliteError
 from cxrlite.fileio import atomic_path
 from cxrlite.model.checkpoint import WEIGHTS_FILE, CheckpointError, load_config
 from cxrlite.model.config import LLMConfig
@@ -42,7 +43,7 @@ LLM_PREFIX = "llm."
 _LLAMA3_SPLIT = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(CxrliteError, ValueError):
     """The checkpoint cannot be written as GGUF; the message names the file and the problem."""
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cxrlite.errors import CxrliteError
 from cxrlite.fileio import atomic_path
 from cxrlite.runtime.llamacpp import LlamaCppError, import_llama_cpp
 
@@ -39,7 +40,7 @@ _FTYPE_PREFIXES = ("LLAMA_FTYPE_MOSTLY_", "LLAMA_FTYPE_ALL_")
 NEEDS_IMATRIX = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "q2_k_s")
 
 
-class GGUFQuantizeError(ValueError):
+class GGUFQuantizeError(CxrliteError, ValueError):
     """Bad quantization request (unknown type, missing file, missing importance matrix)."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from cxrlite.errors import CxrliteError
 from cxrlite.fileio import atomic_open
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 CHECKPOINT_FILES = ("model.pt", "optimizer.pt", "state.pt")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CxrliteError, RuntimeError):
     """A checkpoint is unreadable or does not belong to the run being resumed."""
 
 

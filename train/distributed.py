@@ -21,12 +21,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from cxrlite.errors import CxrliteError
+
 logger = logging.getLogger(__name__)
 
 Strategy = Literal["ddp", "fsdp"]
 
 
-class DistributedSetupError(RuntimeError):
+class DistributedSetupError(CxrliteError, RuntimeError):
     """The launcher environment is incomplete or inconsistent."""
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from cxrlite.errors import CxrliteError
 from cxrlite.fileio import write_json
 from cxrlite.train.checkpoint import (
     CheckpointError,
@@ -57,7 +58,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 
 
-class TrainingError(RuntimeError):
+class TrainingError(CxrliteError, RuntimeError):
     """Training cannot go on (bad loss output, bad dataset, non-finite loss)."""
 
 

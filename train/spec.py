@@ -15,8 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cxrlite.errors import CxrliteError
 
-class StageSpecError(ValueError):
+
+class StageSpecError(CxrliteError, ValueError):
     """A stage specification (or its parameter groups) is invalid; the message says which field."""
 
 

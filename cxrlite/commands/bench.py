@@ -8,8 +8,6 @@ from pathlib import Path
 
 import click
 
-from cxrlite.commands import user_errors
-
 logger = logging.getLogger(__name__)
 
 SHAPE_LLM_DEFAULT = "gguf-f16,gguf-q8_0,gguf-q4_k_m"
@@ -58,7 +56,6 @@ def _names(value: str | None) -> tuple[str, ...] | None:
               help="--shape: shrink head counts and widths by this factor.")
 @click.option("--layers", type=click.IntRange(1), default=None, help="--shape: LLM layers (default: the real count).")
 @click.option("--vision-layers", type=click.IntRange(1), default=None, help="--shape: vision layers.")
-@user_errors
 def bench(bundle_dir: Path | None, runs: int, warmup: int, max_tokens: int, vision_backends: str,
           llm_variants: str | None, threads: int | None, n_gpu_layers: int | None, n_ctx: int | None,
           image: str | None, checkpoint: str | None, isolate: bool, bandwidth_mb: int, load_test: Path | None,

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import click
 
-from cxrlite.commands import user_errors
 from cxrlite.progress import progress_bar
 
 
@@ -32,7 +31,6 @@ def data() -> None:
     help="Image side in pixels.",
 )
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="Processes.")
-@user_errors
 def phantoms(n: int, out: Path, seed: int, size: int, workers: int) -> None:
     """Write N synthetic chest radiographs with known findings, reports and CheXpert labels.
 
@@ -72,7 +70,6 @@ def phantoms(n: int, out: Path, seed: int, size: int, workers: int) -> None:
     help="Studies on the sheet.",
 )
 @click.option("--cols", type=click.IntRange(1, 20), default=6, show_default=True)
-@user_errors
 def show(directory: Path, out: Path, n: int, cols: int) -> None:
     """Write a contact sheet of the phantoms in DIRECTORY with their labels."""
     from cxrlite.data.datasets import load_dataset
@@ -152,7 +149,6 @@ def inspect(files: tuple[Path, ...], png_out: Path | None, image_size: int, as_j
 @click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="JSONL to write."
 )
-@user_errors
 def label(source: Path, out: Path) -> None:
     """Label report texts with the 14 CheXpert observations.
 
@@ -189,7 +185,6 @@ def label(source: Path, out: Path) -> None:
     required=True,
     help="Study manifest JSONL.",
 )
-@user_errors
 def import_(root: Path, layout: str | None, out: Path) -> None:
     """Turn a published dataset layout under ROOT into a cxrlite study manifest (JSONL)."""
     from cxrlite.data.datasets import detect_layout, load_dataset
@@ -215,7 +210,6 @@ def import_(root: Path, layout: str | None, out: Path) -> None:
     help="Layout of SOURCE when it is a dataset folder (default: detected).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@user_errors
 def tasks(source: Path, out: Path, layout: str | None, seed: int) -> None:
     """Build CheXinstruct-style instruction tasks from a dataset folder or a study manifest."""
     from cxrlite.data.datasets import detect_layout, load_dataset
@@ -246,7 +240,6 @@ def tasks(source: Path, out: Path, layout: str | None, seed: int) -> None:
 @click.option(
     "--monochrome1", is_flag=True, help="Store inverted (MONOCHROME1), as some CR systems do."
 )
-@user_errors
 def dicom(image: Path, out: Path, monochrome1: bool) -> None:
     """Wrap a PNG/JPEG (e.g. a phantom) into a 12-bit DX DICOM with synthetic identifiers,
     to try the DICOM path end to end."""

@@ -20,8 +20,6 @@ from typing import Any
 
 import click
 
-from cxrlite.commands import user_errors
-
 logger = logging.getLogger(__name__)
 
 MC_TASKS = (
@@ -267,7 +265,6 @@ def to_markdown(payload: dict[str, Any]) -> str:
 @click.option("--max-tokens", type=click.IntRange(1, 4096), default=128, show_default=True, help="Longest generated findings.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write eval.json and eval.md here.")
-@user_errors
 def eval_command(target: Path, data_dir: Path, variants: str, n: int | None, bootstrap: int, seed: int,
                  max_tokens: int, threads: int | None, out: Path | None) -> None:
     """Evaluate TARGET, a checkpoint (PyTorch) or a bundle (each variant, and the PyTorch

@@ -7,8 +7,6 @@ from typing import Any
 
 import click
 
-from cxrlite.commands import user_errors
-
 
 def gguf_builder(ckpt_dir: Path, dtype: str, check_parity: bool = True):
     """Bundle builder: the LLM as llm/llm-<dtype>.gguf, with llama.cpp-vs-transformers parity."""
@@ -65,7 +63,6 @@ def gguf_builder(ckpt_dir: Path, dtype: str, check_parity: bool = True):
     help="Largest image batch of the TensorRT optimization profile.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at OUT.")
-@user_errors
 def export(
     checkpoint: Path,
     out: Path,

@@ -9,8 +9,6 @@ from typing import Any
 
 import click
 
-from cxrlite.commands import user_errors
-
 logger = logging.getLogger(__name__)
 
 
@@ -112,7 +110,6 @@ def _source_gguf(bundle: Any) -> dict[str, Any]:
               help="Largest findings-F1 drop, in points, against the fp32 checkpoint for a deployable variant.")
 @click.option("--force", is_flag=True, help="Mark variants deployable even when they fail the quality gate.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for the evaluation.")
-@user_errors
 def quantize(bundle_dir: Path, qtypes: list[str], imatrix: bool, gptq: bool, bits: str, group_size: int,
              act_order: bool, calibration: Path | None, checkpoint: Path | None, eval_studies: int,
              max_f1_drop: float, force: bool, threads: int | None) -> None:

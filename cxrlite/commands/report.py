@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from cxrlite.commands import runtime_options, user_errors
+from cxrlite.commands import runtime_options
 from cxrlite.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,6 @@ def _text_report(file: Path, result: dict[str, Any]) -> str:
     help="Longest findings / impression, in tokens.",
 )
 @click.pass_context
-@user_errors
 def report(ctx: click.Context, images: tuple[Path, ...], bundle_dir: Path, as_json: bool,
            out: Path | None, vision_backend: str, vision_variant: str | None, llm_backend: str,
            llm_variant: str | None, n_gpu_layers: int | None, threads: int | None,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from cxrlite.commands import runtime_options, user_errors
+from cxrlite.commands import runtime_options
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,6 @@ logger = logging.getLogger(__name__)
     help="Image embeddings kept in memory (0 disables the cache).",
 )
 @click.pass_context
-@user_errors
 def serve(ctx: click.Context, bundle_dir: Path, host: str, port: int, api_key: str | None,
           max_queue: int, request_timeout: float, max_tokens_cap: int, max_body_mb: float,
           max_pixels: int | None, allow_image_hosts: tuple[str, ...],

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import click
 
-from cxrlite.commands import user_errors
-
 
 def _stage_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
     if value is None:
@@ -88,7 +86,6 @@ def _stage_list(ctx: click.Context, param: click.Parameter, value: str | None) -
     help="Held-out studies used for validation and the final quality figures.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@user_errors
 def train(
     data_dir: Path,
     out: Path,

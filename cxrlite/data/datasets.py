@@ -40,6 +40,7 @@ from cxrlite.data.labels import (
     UNCERTAIN,
 )
 from cxrlite.data.records import SPLITS, Study
+from cxrlite.errors import CxrliteError
 from cxrlite.eval.sections import findings_and_impression
 from cxrlite.fileio import read_jsonl
 
@@ -49,7 +50,7 @@ FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP")
 PATHOLOGIES = tuple(o for o in CHEXPERT_OBSERVATIONS if o not in ("No Finding", "Support Devices"))
 
 
-class DatasetError(ValueError):
+class DatasetError(CxrliteError, ValueError):
     """A dataset folder, file or row that cannot be loaded; the message names the file."""
 
 

@@ -7,8 +7,10 @@ the problem. Messages never carry patient data: no DICOM tag values, no pixel va
 
 from __future__ import annotations
 
+from cxrlite.errors import CxrliteError
 
-class ImageError(ValueError):
+
+class ImageError(CxrliteError, ValueError):
     """An image that cannot be turned into model pixels; `code` is stable, for clients."""
 
     code = "image_error"

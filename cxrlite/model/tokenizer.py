@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from cxrlite.errors import CxrliteError
 from cxrlite.model.config import DEFAULT_IMAGE_TOKEN, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ CHAT_TEMPLATES = {
 }
 
 
-class TokenizerError(ValueError):
+class TokenizerError(CxrliteError, ValueError):
     """A tokenizer could not be trained or loaded; the message names the corpus or folder."""
 
 

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from cxrlite.errors import CxrliteError
+
 logger = logging.getLogger(__name__)
 native_logger = logging.getLogger("cxrlite.llama_cpp")
 
@@ -55,7 +57,7 @@ KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 DEFAULT_STATE_CACHE_BYTES = 256 << 20
 
 
-class LlamaCppError(RuntimeError):
+class LlamaCppError(CxrliteError, RuntimeError):
     """llama.cpp could not load the model or decode a batch; the message says which and why."""
 
 

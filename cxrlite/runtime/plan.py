@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cxrlite.errors import CxrliteError
+
 logger = logging.getLogger(__name__)
 
 VISION_BACKENDS = ("auto", "onnx", "tensorrt", "torch")
@@ -29,7 +31,7 @@ LLM_KINDS = {"gguf": "llama.cpp", "gptq": "gptq"}
 REFERENCE_NAME = "torch-fp32"
 
 
-class BackendError(ValueError):
+class BackendError(CxrliteError, ValueError):
     """A backend or variant was asked for that the bundle lacks or this machine cannot run."""
 
 
