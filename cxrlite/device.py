@@ -1,4 +1,9 @@
-"""Pick the training device and its autocast precision, in one place, with the reason why."""
+"""Pick the device (and the training autocast precision) in one place, logging the reason why.
+
+Every part that runs PyTorch (training, the torch and GPTQ backends of the runtime, evaluation,
+the quantizer, the benchmarks) asks `resolve_device` and passes the answer on explicitly;
+nothing else looks at `torch.cuda.is_available()` to choose a device.
+"""
 
 from __future__ import annotations
 
@@ -35,13 +40,17 @@ def _cuda_choice(device: torch.device) -> DeviceChoice:
 
 
 def resolve_device(
-    preferred: str | torch.device | None = None, *, local_rank: int | None = None
+    preferred: str | torch.device | None = None,
+    *,
+    local_rank: int | None = None,
+    purpose: str = "training",
 ) -> DeviceChoice:
     """Resolve "auto"/None, "cpu", "cuda", "cuda:N" or "mps" to a device and autocast dtype.
 
     None/"auto" takes CUDA when present (GPU `local_rank` under torchrun), else the CPU.
     The CPU trains in fp32: CPU bf16 autocast is slower than fp32 on most CPUs and changes
     numerics between machines. An explicit device that is absent raises DeviceError.
+    `purpose` only names the user in the log line ("training", "inference", ...).
     """
     text = "auto" if preferred is None else str(preferred).strip().lower()
     if text == "auto":
@@ -72,6 +81,6 @@ def resolve_device(
         elif device.type == "cpu":
             choice = DeviceChoice(device, None, "CPU requested: fp32")
         else:
-            raise DeviceError(f"unsupported training device {preferred!r}")
-    logger.info("training device %s (%s)", choice.device, choice.reason)
+            raise DeviceError(f"unsupported device {preferred!r}")
+    logger.info("%s device %s (%s)", purpose, choice.device, choice.reason)
     return choice
