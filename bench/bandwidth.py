@@ -1,15 +1,17 @@
 """This machine's main-memory bandwidth, the ceiling of LLM decoding on a CPU.
 
-    python -m cxrlite.bench.bandwidth --size-mb 512 --threads 2
+    cxrlite bench bandwidth --size-mb 512 --threads 2
+    python -m cxrlite.bench.bandwidth --size-mb 512 --threads 2      # the same
 
 Generating one token reads every weight once (plus the KV cache), so on a CPU tokens/s cannot
 exceed bandwidth / bytes read per token; `cxrlite bench` prints each GGUF variant's tokens/s as a
 percentage of that bound.
 
 What is measured, best of `repeats` passes over an array far larger than any CPU cache:
-- read: `numpy.max` of a float32 array (a streaming read; the SIMD max is far cheaper than the
-  loads, unlike `numpy.sum`'s pairwise summation, measured ~30% slower here), split over
-  `threads` threads (numpy releases the GIL in reductions), bytes read / time.
+- read: `numpy.max` of a float32 array (a streaming read: the SIMD max is far cheaper than the
+  loads, so the time is the read's; `numpy.sum`'s pairwise summation can cost more than the
+  loads and would understate the bandwidth), split over `threads` threads (numpy releases the
+  GIL in reductions), bytes read / time.
   The reported `read_gbs` is the best of the 1-thread and `threads`-thread figures: one core
   often cannot saturate the memory controllers, and llama.cpp reads with all its threads.
 - copy: `numpy.copyto` between two arrays, counted as bytes read + bytes written (what STREAM's
@@ -19,16 +21,16 @@ Other processes on the machine lower both figures; the result records the load a
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 
 logger = logging.getLogger(__name__)
@@ -98,15 +100,31 @@ def measure_bandwidth(
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Measure main-memory read/copy bandwidth.")
-    parser.add_argument("--size-mb", type=int, default=DEFAULT_SIZE_MB, help="array size in MiB")
-    parser.add_argument("--threads", type=int, default=None, help="reader threads (default: all)")
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="best of N passes")
-    args = parser.parse_args(argv)
-    print(json.dumps(measure_bandwidth(args.size_mb, args.threads, args.repeats), indent=2))
-    return 0
+@click.command("bandwidth")
+@click.option(
+    "--size-mb",
+    type=click.IntRange(1),
+    default=DEFAULT_SIZE_MB,
+    show_default=True,
+    help="Array size in MiB.",
+)
+@click.option(
+    "--threads", type=click.IntRange(1), default=None, help="Reader threads [default: all]."
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(1),
+    default=DEFAULT_REPEATS,
+    show_default=True,
+    help="Best of N passes.",
+)
+def bandwidth_command(size_mb: int, threads: int | None, repeats: int) -> None:
+    """Main-memory read/copy bandwidth (GB/s), the ceiling of LLM decoding on a CPU; the result
+    JSON on stdout."""
+    click.echo(json.dumps(measure_bandwidth(size_mb, threads, repeats), indent=2))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from cxrlite.bench.options import run_subcommand
+
+    run_subcommand("bandwidth")

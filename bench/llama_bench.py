@@ -1,7 +1,8 @@
 """llama.cpp prompt processing (pp) and token generation (tg) speed of a GGUF, like llama-bench.
 
-    python -m cxrlite.bench.llama_bench llm-q4_k_m.gguf --prompt-lengths 64,256,512 \
+    cxrlite bench llama llm-q4_k_m.gguf --prompt-lengths 64,256,512 \
         --gen 128 --threads 1,2 --reps 3 --out llama_bench.json
+    python -m cxrlite.bench.llama_bench llm-q4_k_m.gguf          # the same
 
 pp N: N random token ids decoded as one prompt (in llama.cpp's n_batch chunks) from an empty KV
 cache, reported as N / seconds. tg N: N tokens decoded one at a time after a 1-token prompt,
@@ -13,7 +14,6 @@ attention on llama.cpp's automatic setting.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
@@ -21,7 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
+
+from cxrlite.bench.options import int_list, run_subcommand
 
 logger = logging.getLogger(__name__)
 
@@ -86,30 +89,12 @@ def llama_bench(
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="llama.cpp pp/tg tokens/s of a GGUF.")
-    parser.add_argument("gguf")
-    parser.add_argument("--prompt-lengths", default="64,256,512")
-    parser.add_argument("--gen", type=int, default=128)
-    parser.add_argument("--threads", default="", help="comma-separated (default: all cores)")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--n-gpu-layers", type=int, default=0)
-    parser.add_argument("--out", default=None, help="write the result JSON here")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    threads = [int(t) for t in args.threads.split(",") if t.strip()] or [None]
-    result = llama_bench(
-        args.gguf,
-        [int(n) for n in args.prompt_lengths.split(",") if n.strip()],
-        args.gen,
-        threads,
-        reps=args.reps,
-        n_gpu_layers=args.n_gpu_layers,
-    )
+def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{Path(args.gguf).name} ({result['size_bytes'] / 2**20:.1f} MiB)")
+    name = Path(result["model"]).name
+    table = Table(title=f"{name} ({result['size_bytes'] / 2**20:.1f} MiB)")
     for column in ("test", "threads", "tokens/s", "std"):
         table.add_column(column, justify="right")
     for row in result["results"]:
@@ -117,12 +102,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             row["test"], str(row["threads"]), f"{row['tokens_per_s']:.2f}", f"{row['std']:.2f}"
         )
     Console().print(table)
-    if args.out:
+
+
+# fmt: off
+@click.command("llama")
+@click.argument("gguf", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--prompt-lengths", default="64,256,512", show_default=True,
+              help="Comma-separated prompt lengths, one pp test each.")
+@click.option("--gen", type=click.IntRange(0), default=128, show_default=True,
+              help="Tokens of the tg test (0: none).")
+@click.option("--threads", default="", help="Comma-separated thread counts [default: all cores].")
+@click.option("--reps", type=click.IntRange(1), default=3, show_default=True,
+              help="Timed repetitions after one warm-up.")
+@click.option("--n-gpu-layers", type=int, default=0, show_default=True,
+              help="Layers offloaded to the GPU.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the result JSON here.")
+def llama_command(gguf: Path, prompt_lengths: str, gen: int, threads: str, reps: int,
+                  n_gpu_layers: int, out: Path | None) -> None:
+    """llama.cpp prompt processing (pp) and token generation (tg) tokens/s of a GGUF, like
+    llama-bench."""
+    result = llama_bench(
+        gguf, int_list(prompt_lengths, "--prompt-lengths"), gen,
+        int_list(threads, "--threads") or [None], reps=reps, n_gpu_layers=n_gpu_layers,
+    )
+    print_table(result)
+    if out is not None:
         from cxrlite.fileio import write_json
 
-        write_json(args.out, result)
-    return 0
+        write_json(out, result)
+# fmt: on
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_subcommand("llama")

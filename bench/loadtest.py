@@ -1,9 +1,10 @@
 """Concurrency sweep against a running OpenAI-compatible chat server (cxrlite serve, llama.cpp's).
 
-    python -m cxrlite.bench.loadtest --url http://127.0.0.1:8000 --concurrency 1,2,4,8 \
+    cxrlite bench load --url http://127.0.0.1:8000 --concurrency 1,2,4,8 \
         --requests 32 --image cxr.png --max-tokens 64 --api-key "$KEY" --out loadtest/
-    python -m cxrlite.bench.loadtest --url http://127.0.0.1:8001 --concurrency 1,4   # text only,
-        # e.g. against `python -m llama_cpp.server --model llm.gguf --port 8001`
+    cxrlite bench load --url http://127.0.0.1:8001 --concurrency 1,4   # text only, e.g.
+        # against `python -m llama_cpp.server --model llm.gguf --port 8001`
+    python -m cxrlite.bench.loadtest --url ...                         # the same
 
 For each concurrency level, that many clients send streaming /v1/chat/completions requests back
 to back until `--requests` have been sent or `--duration` seconds have passed. Every request is
@@ -20,7 +21,6 @@ host is a denial-of-service attack.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import ipaddress
@@ -36,6 +36,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import click
+
+from cxrlite.bench.options import int_list, run_subcommand
 from cxrlite.bench.report import summarize
 from cxrlite.data.prompts import FINDINGS_PROMPT
 from cxrlite.errors import CxrliteError
@@ -66,8 +69,8 @@ def check_loopback(url: str, allow_remote: bool = False) -> None:
     remote = sorted(a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_loopback)
     if remote:
         raise LoadTestError(
-            f"{parsed.hostname} resolves to non-loopback {remote}; pass --allow-remote to load-test "
-            "another machine (only one you are responsible for)"
+            f"{parsed.hostname} resolves to non-loopback {remote}; pass --allow-remote to "
+            "load-test another machine (only one you are responsible for)"
         )
 
 
@@ -306,56 +309,55 @@ def print_summary(result: dict[str, Any]) -> None:
             return "-" if not stats["n"] else f"{stats['p50']:.1f}/{stats['p99']:.1f}"
 
         table.add_row(
-            str(lv["concurrency"]), str(lv["ok"]), json.dumps(lv["errors"]) if lv["errors"] else "-",
-            f"{lv['requests_per_s']:.2f}", f"{lv['tokens_per_s']:.1f}", two(lv["ttft_ms"]),
-            two(lv["itl_ms"]), two(lv["latency_ms"]),
+            str(lv["concurrency"]), str(lv["ok"]),
+            json.dumps(lv["errors"]) if lv["errors"] else "-", f"{lv['requests_per_s']:.2f}",
+            f"{lv['tokens_per_s']:.1f}", two(lv["ttft_ms"]), two(lv["itl_ms"]),
+            two(lv["latency_ms"]),
         )  # fmt: skip
     Console(width=max(Console().width, 120)).print(table)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Concurrency sweep of an OpenAI-compatible server."
+# fmt: off
+@click.command("load")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="The server.")
+@click.option("--concurrency", default="1,2,4,8", show_default=True, help="Comma-separated levels.")
+@click.option("--requests", type=click.IntRange(1), default=16, show_default=True,
+              help="Requests per level.")
+@click.option("--duration", type=float, default=None, help="At most this many seconds per level.")
+@click.option("--image", type=click.Path(dir_okay=False), default=None,
+              help="Radiograph to send [default: text only].")
+@click.option("--prompt", default=DEFAULT_PROMPT, help="[default: the findings prompt]")
+@click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--api-key", default=None, help="Bearer token, if the server wants one.")
+@click.option("--model", default=None, help="Model id [default: the first of /v1/models].")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="Seconds per request.")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True,
+              help="Untimed requests first.")
+@click.option("--allow-remote", is_flag=True, help="Allow a non-loopback host.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("loadtest"),
+              show_default=True, help="Folder for loadtest.json + throughput.png.")
+def load_command(url: str, concurrency: str, requests: int, duration: float | None,
+                 image: str | None, prompt: str, max_tokens: int, api_key: str | None,
+                 model: str | None, timeout: float, warmup: int, allow_remote: bool,
+                 out: Path) -> None:
+    """Concurrency sweep against a running OpenAI-compatible chat server (cxrlite serve,
+    llama.cpp's): requests/s, tokens/s, TTFT, ITL and latency per level."""
+    levels = int_list(concurrency, "--concurrency")
+    result = run_loadtest(
+        url, levels, requests=requests, duration=duration, image=image, prompt=prompt,
+        max_tokens=max_tokens, api_key=api_key, model=model, timeout=timeout, warmup=warmup,
+        allow_remote=allow_remote,
     )
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated levels")
-    parser.add_argument("--requests", type=int, default=16, help="requests per level")
-    parser.add_argument("--duration", type=float, default=None, help="max seconds per level")
-    parser.add_argument("--image", default=None, help="radiograph to send (default: text only)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--model", default=None, help="model id (default: the first of /v1/models)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed requests first")
-    parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback host")
-    parser.add_argument(
-        "--out", default="loadtest", help="folder for loadtest.json + throughput.png"
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    except ValueError:
-        parser.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
-    try:
-        result = run_loadtest(
-            args.url, levels, requests=args.requests, duration=args.duration, image=args.image,
-            prompt=args.prompt, max_tokens=args.max_tokens, api_key=args.api_key, model=args.model,
-            timeout=args.timeout, warmup=args.warmup, allow_remote=args.allow_remote,
-        )  # fmt: skip
-    except LoadTestError as e:
-        parser.exit(2, f"error: {e}\n")
     from cxrlite.bench.report import plot_throughput
     from cxrlite.fileio import write_json
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "loadtest.json", result)
     plot_throughput(result, out / "throughput.png")
     print_summary(result)
-    return 0
+# fmt: on
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_subcommand("load")

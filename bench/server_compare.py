@@ -1,10 +1,10 @@
-"""cxrlite serve against llama-cpp-python's own server on the same GGUF, and a soak test.
+"""cxrlite serve against llama-cpp-python's own server on the same GGUF.
 
-    python -m cxrlite.bench.server_compare BUNDLE --concurrency 1,4,8 --requests 16 --out cmp/
-    python -m cxrlite.bench.server_compare BUNDLE --mode soak --clients 8 --duration 120 \
-        --image cxr.png --out soak/
+    cxrlite bench compare BUNDLE --concurrency 1,4,8 --requests 16 --out cmp/
+    python -m cxrlite.bench.server_compare BUNDLE --concurrency 1,4,8     # the same
+    python -m cxrlite.bench.server_compare BUNDLE --mode soak ...         # cxrlite bench soak
 
-`compare` (default) starts `cxrlite serve BUNDLE` and `python -m llama_cpp.server --model GGUF`
+It starts `cxrlite serve BUNDLE` and `python -m llama_cpp.server --model GGUF`
 (the bundle's default LLM variant, or --llm-variant: the same file) one after the other, never
 both at once, each on a free loopback port, and sends both the same streaming text requests
 (greedy, same max_tokens) at each concurrency level through cxrlite.bench.loadtest. With
@@ -15,52 +15,41 @@ TPOT p50 (time per output token after the first: ITL shrinks to ~0 when a server
 bursts), latency p50/p90 per server and level, and the cxrlite/llama_cpp ratios. Exit code: 0
 when cxrlite is equal or better at every level (within --tolerance), 1 when not, 2 on errors.
 
-`soak` starts cxrlite only, and C clients send a mix of image and text requests for D seconds
-while the server's resident memory (children included) is sampled every second. Output:
-soak.json (requests, errors by status, 5xx, alive at the end, RSS start/max/end and drift
-against the target, the RSS series) and soak.png. Exit code 0 when it passed (alive, no errors,
-no traceback in its log, RSS within the target), 1 when not, 2 on errors.
-
-Servers always stop (SIGINT, then SIGKILL), on errors, Ctrl-C and SIGTERM too; their output goes to
-<server>.log in --out (phantom requests only: no patient data reaches these logs).
+Servers always stop (SIGINT, then SIGKILL), on errors, Ctrl-C and SIGTERM too; their output goes
+to <server>.log in --out (phantom requests only: no patient data reaches these logs). The soak
+test of cxrlite serve alone is `cxrlite bench soak` (cxrlite.bench.soak).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import click
+
+from cxrlite.bench.options import int_list, run_subcommand
 from cxrlite.bench.servers import (
-    RssSampler,
+    DEFAULT_PROMPT,
+    DEFAULT_THREADS,
     ServerCompareError,
     bundle_llm,
     cxrlite_spec,
     free_port,
     llama_cpp_spec,
+    managed_run,
     running_server,
+    server_options,
 )
-from cxrlite.data.prompts import FINDINGS_PROMPT
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_COMPARE = "cxrlite-server-compare/1"
-SCHEMA_SOAK = "cxrlite-soak/1"
-# One thread each by default: this 2-core machine runs the client too, and llama.cpp's and
-# onnxruntime's thread pools collapse when oversubscribed (spinning threads fight for cores).
-DEFAULT_THREADS = 1
-DEFAULT_PROMPT = FINDINGS_PROMPT
 SERVERS = ("cxrlite", "llama_cpp")
-RSS_TARGET = 0.10  # "resident memory flat within 10%"
-
-
-# --- compare ---------------------------------------------------------------------------------
 
 
 async def _probe(url: str, prompt: str, max_tokens: int, timeout: float) -> dict[str, Any]:
@@ -236,7 +225,8 @@ def compare_rows(result: dict[str, Any]) -> list[list[str]]:
             lv = row[name]
             tpr = lv["tokens_per_request"]
             rows.append([
-                c, name, str(lv["ok"]), ", ".join(f"{k}: {v}" for k, v in lv["errors"].items()) or "-",
+                c, name, str(lv["ok"]),
+                ", ".join(f"{k}: {v}" for k, v in lv["errors"].items()) or "-",
                 f"{lv['requests_per_s']:.2f}", f"{lv['tokens_per_s']:.1f}",
                 "-" if not tpr["n"] else f"{tpr['min']:.0f}-{tpr['max']:.0f}", _two(lv["ttft_ms"]),
                 _one(lv["itl_ms"]), _one(lv["tpot_ms"]), _two(lv["latency_ms"]),
@@ -245,7 +235,8 @@ def compare_rows(result: dict[str, Any]) -> list[list[str]]:
         rows.append([
             c, "ratio" + (" ok" if r["equal_or_better"] else " WORSE"), "", "",
             _x(r["requests_per_s"]), _x(r["tokens_per_s"]), "",
-            f"{_x(r['ttft_ms_p50'])}/{_x(r['ttft_ms_p90'])}", _x(r["itl_ms_p50"]), _x(r["tpot_ms_p50"]),
+            f"{_x(r['ttft_ms_p50'])}/{_x(r['ttft_ms_p90'])}", _x(r["itl_ms_p50"]),
+            _x(r["tpot_ms_p50"]),
             f"{_x(r['latency_ms_p50'])}/{_x(r['latency_ms_p90'])}",
         ])  # fmt: skip
     return rows
@@ -281,185 +272,10 @@ def compare_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --- soak ------------------------------------------------------------------------------------
-
-
-def phantom_png(index: int = 0) -> tuple[bytes, str]:
-    """A phantom radiograph (synthetic: no patient) for soak runs without --image."""
-    from cxrlite.imaging.write import png_bytes
-    from cxrlite.phantoms.generator import make_phantom_study
-
-    return png_bytes(make_phantom_study(index, 0, size=256)[1]), f"phantom-{index}.png"
-
-
-async def _soak_load(
-    url: str,
-    payload_parts: list[tuple[bytes | None, str]],
-    *,
-    prompt: str,
-    max_tokens: int,
-    clients: int,
-    duration: float,
-    warmup_rounds: int,
-    timeout: float,
-    on_loaded: Callable[[], None],
-) -> dict[str, Any]:
-    import httpx
-
-    from cxrlite.bench.loadtest import CHAT_PATH, build_payload, discover_model, run_level
-
-    limits = httpx.Limits(max_connections=clients + 1)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        model = await discover_model(client, url, {})
-        payloads = [
-            build_payload(model, prompt, image, max_tokens, name) for image, name in payload_parts
-        ]
-        # Warm-up at the full concurrency, so that per-thread allocator arenas and caches exist
-        # before the start-of-load RSS is taken: only growth under steady load counts as drift.
-        warm_requests = max(clients, len(payloads)) * warmup_rounds
-        warm = await run_level(client, url + CHAT_PATH, payloads, {}, clients, warm_requests, None)
-        on_loaded()
-        level = await run_level(
-            client, url + CHAT_PATH, payloads, {}, clients, sys.maxsize, duration
-        )
-    return {"model": model, "warmup": warm, "load": level}
-
-
-def run_soak(
-    bundle_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    clients: int = 8,
-    duration: float = 120.0,
-    image: str | Path | None = None,
-    distinct_images: int = 300,
-    prompt: str = DEFAULT_PROMPT,
-    max_tokens: int = 64,
-    threads: int = DEFAULT_THREADS,
-    llm_variant: str | None = None,
-    interval: float = 1.0,
-    warmup_rounds: int = 1,
-    target: float = RSS_TARGET,
-    start_timeout: float = 300.0,
-    request_timeout: float = 300.0,
-) -> dict[str, Any]:
-    """`clients` clients, image and text requests in turn, for `duration` s against cxrlite.
-    Without `image`, `distinct_images` phantoms in turn: more than the server's embedding cache
-    holds (256 by default), so the soak also runs decoding, the vision tower and cache eviction,
-    not just cache hits. Warm-up sends each of them once, so a full cache is the baseline."""
-    from cxrlite.bench.report import environment
-
-    if clients < 1 or duration <= 0 or max_tokens < 1 or interval <= 0:
-        raise ServerCompareError("clients, duration, max_tokens and interval must be positive")
-    if image is not None:
-        try:
-            picture = (Path(image).read_bytes(), Path(image).name)
-        except OSError as e:
-            raise ServerCompareError(
-                f"{image}: cannot read the image ({e.strerror or e})"
-            ) from None
-        pictures = [picture]
-    else:
-        if distinct_images < 1:
-            raise ServerCompareError("distinct_images must be >= 1")
-        pictures = [phantom_png(i) for i in range(distinct_images)]
-    env = environment()
-    spec = cxrlite_spec(bundle_dir, free_port(), threads, llm_variant)
-    log_path = Path(out_dir) / "cxrlite.log"
-    log_offset = log_path.stat().st_size if log_path.exists() else 0  # the log is appended to
-    with running_server(spec, log_path, start_timeout) as process:
-        sampler = RssSampler(process.pid, interval)
-        try:
-            load = asyncio.run(
-                _soak_load(
-                    spec.url, [p for pic in pictures for p in (pic, (None, ""))], prompt=prompt, max_tokens=max_tokens,
-                    clients=clients, duration=duration, warmup_rounds=warmup_rounds,
-                    timeout=request_timeout, on_loaded=sampler.start,
-                )
-            )  # fmt: skip
-        finally:
-            sampler.stop()
-        alive = process.poll() is None
-    with open(log_path, "rb") as log:
-        log.seek(log_offset)
-        tracebacks = log.read().count(b"Traceback (most recent call last)")
-    samples = sampler.samples
-    mb = [round(rss / 2**20, 2) for _, rss in samples]
-    start, peak, end = (mb[0], max(mb), mb[-1]) if mb else (None, None, None)
-    level = load["load"]
-    errors_5xx = sum(n for status, n in level["errors"].items() if status.startswith("5"))
-    rss = {
-        "start_mb": start,
-        "max_mb": peak,
-        "end_mb": end,
-        "end_drift": end / start - 1 if start else None,
-        "max_drift": peak / start - 1 if start else None,
-        "target": target,
-    }
-    # Flat: neither grown nor shrunk by more than `target` at the end, never above it meanwhile.
-    rss["flat"] = (
-        start is not None and abs(rss["end_drift"]) <= target and rss["max_drift"] <= target
-    )
-    settings = {"clients": clients, "duration_s": duration, "images": len(pictures),
-                "max_tokens": max_tokens, "threads": threads, "llm_variant": llm_variant,
-                "interval_s": interval, "warmup_rounds": warmup_rounds}  # fmt: skip
-    return {
-        "schema": SCHEMA_SOAK,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "environment": env,
-        "bundle": str(bundle_dir),
-        "settings": settings,
-        "server": {
-            "command": spec.command,
-            "pid": process.pid,
-            "alive_at_end": alive,
-            "exit_code": process.returncode,
-            "log_tracebacks": tracebacks,
-        },
-        "requests": level["requests"],
-        "ok": level["ok"],
-        "errors": level["errors"],
-        "errors_5xx": errors_5xx,
-        "warmup_errors": load["warmup"]["errors"],
-        "load": level,
-        "rss": rss,
-        "rss_samples": [[t, m] for (t, _), m in zip(samples, mb, strict=True)],
-        "passed": alive and not tracebacks and not level["errors"] and rss["flat"],
-    }
-
-
-def plot_rss(result: dict[str, Any], path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cxrlite.fileio import atomic_open
-
-    fig, axis = plt.subplots(figsize=(8, 4))
-    t = [s[0] for s in result["rss_samples"]]
-    axis.plot(t, [s[1] for s in result["rss_samples"]], "-", label="RSS (server + children)")
-    start, target = result["rss"]["start_mb"], result["rss"]["target"]
-    if start:
-        axis.axhline(start, color="C2", linestyle="--", label="start of load")
-        band = (start * (1 - target), start * (1 + target))
-        axis.axhspan(*band, color="C2", alpha=0.1, label=f"target: within {target:.0%}")
-    axis.set_xlabel("seconds since start of load")
-    axis.set_ylabel("MiB")
-    s = result["settings"]
-    axis.set_title(f"cxrlite serve, {s['clients']} clients, {s['duration_s']:.0f} s")
-    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
-    return Path(path)
-
-
 # --- command line ----------------------------------------------------------------------------
 
 
-def _print_compare(result: dict[str, Any]) -> None:
+def print_compare(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -479,94 +295,58 @@ def _print_compare(result: dict[str, Any]) -> None:
         console.print(f"[yellow]note: {note}[/]")
 
 
-def _print_soak(result: dict[str, Any]) -> None:
-    from rich.console import Console
-
-    r, server = result["rss"], result["server"]
-    lines = [
-        f"soak: {result['requests']} requests, {result['ok']} ok, errors {result['errors'] or '-'}"
-        f" (5xx: {result['errors_5xx']}), alive at end: {server['alive_at_end']}, tracebacks in "
-        f"the log: {server['log_tracebacks']}"
-    ]
-    if r["start_mb"] is not None:
-        lines.append(
-            f"RSS MiB start {r['start_mb']:.1f}, max {r['max_mb']:.1f}, end {r['end_mb']:.1f}: "
-            f"drift end {r['end_drift']:+.1%}, max {r['max_drift']:+.1%} "
-            f"(target {r['target']:.0%})"
-        )
-    lines.append("PASS" if result["passed"] else "FAIL")
-    Console().print("\n".join(lines))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("bundle", help="a cxrlite bundle folder")
-    parser.add_argument("--mode", choices=("compare", "soak"), default="compare")
-    parser.add_argument("--out", default="server-compare", help="folder for JSON, tables, logs")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="per server")
-    parser.add_argument("--llm-variant", default=None, help="a GGUF variant (default: bundle's)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds to be ready")
-    parser.add_argument("--request-timeout", type=float, default=300.0)
-    compare = parser.add_argument_group("compare")
-    compare.add_argument("--concurrency", default="1,4,8", help="comma-separated levels")
-    compare.add_argument("--requests", type=int, default=16, help="requests per level")
-    compare.add_argument("--warmup", type=int, default=2, help="untimed requests per start")
-    compare.add_argument("--no-interleave", action="store_true", help="start each server once")
-    compare.add_argument("--tolerance", type=float, default=0.05, help="noise allowed in ratios")
-    soak = parser.add_argument_group("soak")
-    soak.add_argument("--clients", type=int, default=8)
-    soak.add_argument("--duration", type=float, default=120.0, help="seconds of load")
-    soak.add_argument("--image", default=None, help="PNG sent in every other request")
-    soak.add_argument(
-        "--distinct-images",
-        type=int,
-        default=300,
-        help="without --image: this many phantoms in turn (> the server's cache)",
-    )
-    soak.add_argument("--interval", type=float, default=1.0, help="seconds between RSS samples")
-    soak.add_argument("--target", type=float, default=RSS_TARGET, help="allowed RSS drift")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("httpx", "cxrlite.bench.loadtest"):  # a line per request / a dict per level
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the servers.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+# fmt: off
+@click.command("compare")
+@server_options("server-compare")
+@click.option("--concurrency", default="1,4,8", show_default=True, help="Comma-separated levels.")
+@click.option("--requests", type=click.IntRange(1), default=16, show_default=True,
+              help="Requests per level.")
+@click.option("--warmup", type=click.IntRange(0), default=2, show_default=True,
+              help="Untimed requests per server start.")
+@click.option("--interleave/--no-interleave", default=True, show_default=True,
+              help="A fresh start of each server per level, or each server started once.")
+@click.option("--tolerance", type=float, default=0.05, show_default=True,
+              help="Noise allowed in the ratios.")
+@click.pass_context
+def compare_command(ctx: click.Context, bundle: Path, out: Path, threads: int,
+                    llm_variant: str | None, prompt: str, max_tokens: int, start_timeout: float,
+                    request_timeout: float, concurrency: str, requests: int, warmup: int,
+                    interleave: bool, tolerance: float) -> None:
+    """cxrlite serve vs llama_cpp.server on the bundle's GGUF, one at a time, same requests.
+    Exit code 0 when cxrlite is equal or better at every level, 1 when not, 2 on errors."""
     from cxrlite.fileio import atomic_write_text, write_json
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    common = {"max_tokens": args.max_tokens, "prompt": args.prompt, "threads": args.threads,
-              "llm_variant": args.llm_variant, "start_timeout": args.start_timeout,
-              "request_timeout": args.request_timeout}  # fmt: skip
-    try:
-        if args.mode == "compare":
-            try:
-                levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-            except ValueError:
-                parser.error(
-                    f"--concurrency must be comma-separated integers: {args.concurrency!r}"
-                )
-            result = run_compare(
-                args.bundle, out, concurrency=levels, requests=args.requests, warmup=args.warmup,
-                interleave=not args.no_interleave, tolerance=args.tolerance, **common,
-            )  # fmt: skip
-            write_json(out / "compare.json", result)
-            atomic_write_text(out / "compare.md", compare_markdown(result))
-            _print_compare(result)
-            return 0 if result["equal_or_better"] else 1
-        result = run_soak(
-            args.bundle, out, clients=args.clients, duration=args.duration, image=args.image,
-            distinct_images=args.distinct_images, interval=args.interval, target=args.target, **common,
-        )  # fmt: skip
-        write_json(out / "soak.json", result)
-        plot_rss(result, out / "soak.png")
-        _print_soak(result)
-        return 0 if result["passed"] else 1
-    except ServerCompareError as e:
-        parser.exit(2, f"error: {e}\n")
+    levels = int_list(concurrency, "--concurrency")
+    with managed_run():
+        out.mkdir(parents=True, exist_ok=True)
+        result = run_compare(
+            bundle, out, concurrency=levels, requests=requests, warmup=warmup,
+            interleave=interleave, tolerance=tolerance, max_tokens=max_tokens, prompt=prompt,
+            threads=threads, llm_variant=llm_variant, start_timeout=start_timeout,
+            request_timeout=request_timeout,
+        )
+        write_json(out / "compare.json", result)
+        atomic_write_text(out / "compare.md", compare_markdown(result))
+        print_compare(result)
+    ctx.exit(0 if result["equal_or_better"] else 1)
+# fmt: on
+
+
+def legacy_argv(argv: Sequence[str]) -> tuple[str, list[str]]:
+    """`python -m cxrlite.bench.server_compare [--mode compare|soak] ARGS` as before the bench
+    subcommands: (the subcommand, its arguments)."""
+    args, mode = list(argv), "compare"
+    for i, arg in enumerate(args):
+        if arg == "--mode" and i + 1 < len(args):
+            mode = args[i + 1]
+            del args[i : i + 2]
+            break
+        if arg.startswith("--mode="):
+            mode = arg.split("=", 1)[1]
+            del args[i]
+            break
+    return mode, args
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_subcommand(*legacy_argv(sys.argv[1:]))

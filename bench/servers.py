@@ -1,8 +1,10 @@
 """Start and stop benchmark servers (cxrlite serve, llama-cpp-python's server) as subprocesses on
 free loopback ports, wait until they are ready, and sample their resident memory.
 
-Used by cxrlite.bench.server_compare. A server always stops (SIGINT, then SIGKILL after a grace
-period), on errors and Ctrl-C too, and dies with its parent on Linux.
+Used by `cxrlite bench compare` (cxrlite.bench.server_compare) and `cxrlite bench soak`
+(cxrlite.bench.soak), with the command-line options and handling they share. A server always
+stops (SIGINT, then SIGKILL after a grace period), on errors, Ctrl-C and SIGTERM too, and dies
+with its parent on Linux.
 """
 
 from __future__ import annotations
@@ -19,16 +21,84 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import click
+
+from cxrlite.data.prompts import FINDINGS_PROMPT
 from cxrlite.errors import CxrliteError
 
 logger = logging.getLogger(__name__)
 
 STOP_GRACE_S = 20.0
+# One thread each by default: the client runs on the same machine, and llama.cpp's and
+# onnxruntime's thread pools collapse when oversubscribed (spinning threads fight for cores).
+DEFAULT_THREADS = 1
+DEFAULT_PROMPT = FINDINGS_PROMPT
 
 
 class ServerCompareError(CxrliteError, RuntimeError):
     """A server could not be started or the bundle cannot be compared."""
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+class ErrorExit(click.ClickException):
+    """An error, with exit code 2: exit code 1 already means "ran, and did not pass"."""
+
+    exit_code = 2
+
+
+# fmt: off
+_SERVER_OPTIONS = [
+    click.argument("bundle", type=click.Path(file_okay=False, path_type=Path)),
+    click.option("--threads", type=click.IntRange(1), default=DEFAULT_THREADS, show_default=True,
+                 help="Threads per server."),
+    click.option("--llm-variant", default=None, help="A GGUF variant [default: the bundle's]."),
+    click.option("--prompt", default=DEFAULT_PROMPT, help="[default: the findings prompt]"),
+    click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True),
+    click.option("--start-timeout", type=float, default=300.0, show_default=True,
+                 help="Seconds for a server to be ready."),
+    click.option("--request-timeout", type=float, default=300.0, show_default=True,
+                 help="Seconds per request."),
+]
+# fmt: on
+
+
+def server_options(out_default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options `compare` and `soak` share: BUNDLE, --out (default `out_default`), threads,
+    the LLM variant, prompt, max tokens and timeouts."""
+
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        out = click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+                           default=Path(out_default), show_default=True,
+                           help="Folder for JSON, tables, plots and server logs.")  # fmt: skip
+        for decorate in reversed([*_SERVER_OPTIONS[:1], out, *_SERVER_OPTIONS[1:]]):
+            f = decorate(f)
+        return f
+
+    return apply
+
+
+@contextlib.contextmanager
+def managed_run() -> Iterator[None]:
+    """Around a compare or soak run: progress on the log (one line per server start and level,
+    not one per request), SIGTERM unwinding like Ctrl-C so that servers stop, and errors as one
+    line with exit code 2."""
+    from cxrlite.cli import USER_ERRORS
+
+    for name in ("cxrlite.bench.server_compare", __name__):
+        named = logging.getLogger(name)
+        if named.getEffectiveLevel() > logging.INFO:
+            named.setLevel(logging.INFO)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        yield
+    except USER_ERRORS as e:  # ServerCompareError and every other error a user can cause
+        raise ErrorExit(str(e) or type(e).__name__) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --- command lines ---------------------------------------------------------------------------

@@ -5,14 +5,14 @@
     build_shape_bundle("1b", llm_variants=["gguf-q4_k_m"])           # -> the cached bundle path
 
 The LLM is never built in memory: its GGUF (f16) is written tensor by tensor from random normal
-values (std 0.02, the usual Llama init; norm weights 1), one tensor in memory at a time, through
-the exporter's own `plan_tensors` / `write_gguf_tensors`, then quantized with llama.cpp's
-quantizer (`quantize_gguf`). A 7B f16 GGUF is 13.5 GB on disk and about 0.5 GB (the largest
-tensor) in memory. The vision tower (a ViT-B or SO400M with the bridger: 0.1-0.4 B parameters) is
-built in torch with transformers' random init and exported to ONNX as `cxrlite export` does. The
-tokenizer is our SentencePiece trainer on phantom reports (at most 1024 pieces: a 128k-piece
-vocabulary cannot be learnt from them); the GGUF vocabulary is padded to the preset's size with
-unused tokens, so the embedding and output matrices have their real shapes and cost.
+values (std 0.02, the usual Llama init; norm weights 1), one tensor in memory at a time, through the
+exporter's own `plan_tensors` / `write_gguf_tensors`, then quantized with llama.cpp's quantizer
+(`quantize_gguf`): writing a 7B f16 GGUF takes its full size on disk but only its largest tensor in
+memory. The vision tower (a ViT-B or SO400M with the bridger: 0.1-0.4 B parameters) is built in
+torch with transformers' random init and exported to ONNX as `cxrlite export` does. The tokenizer is
+our SentencePiece trainer on phantom reports (at most 1024 pieces: a 128k-piece vocabulary cannot be
+learnt from them); the GGUF vocabulary is padded to the preset's size with unused tokens, so the
+embedding and output matrices have their real shapes and cost.
 
 The "checkpoint" beside the bundle holds the vision tower's weights only, so the PyTorch vision
 reference runs (`--vision-backends torch`) and the PyTorch LLM reference is reported as unavailable.
@@ -46,9 +46,10 @@ DEFAULT_CACHE = Path("~/.cache/cxrlite/shapes")
 WEIGHT_STD = 0.02
 TOKENIZER_PIECES = 1024
 CARDS_GB = (8, 16, 24)
-CUDA_OVERHEAD_BYTES = (
-    600 * 2**20
-)  # CUDA context + cuBLAS workspace + allocator slack, measured typical
+# What a GPU process holds besides weights, KV cache and buffers (CUDA context, cuBLAS
+# workspace, allocator slack): an allowance, so a model that fits only without it is not
+# reported as fitting.
+CUDA_OVERHEAD_BYTES = 600 * 2**20
 
 
 class ShapeError(CxrliteError, ValueError):

@@ -10,13 +10,7 @@ configs, the prompt template, the checkpoint it came from, and the variants:
   quality: {variant: measured quality}, default: {"vision": name, "llm": name}
 Files not listed in the manifest are not part of the bundle: they are ignored on load.
 
-Crash safety (one writer at a time):
-- create_bundle builds everything in a `.tmp-<name>-*` folder beside the target, writes the
-  manifest last and renames the folder into place, so an interrupted export leaves either no
-  folder or a `.tmp-*` one, which load_bundle refuses.
-- update_bundle writes new files under a staging folder inside the bundle, moves them in under
-  names the current manifest does not list, and rewrites the manifest atomically last: a crash
-  at any point leaves the previous manifest and every file it lists untouched.
+A `.tmp-*` folder is a writer's staging area (an interrupted export): `load_bundle` refuses it.
 """
 
 from __future__ import annotations
@@ -39,9 +33,51 @@ BUNDLE_FORMAT = "cxrlite-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
-VARIANT_SECTIONS = ("vision", "llm")
-MERGED_SECTIONS = (*VARIANT_SECTIONS, "quality", "default")
 STAGING_PREFIX = ".tmp-"
+
+
+class Key:
+    """Top-level manifest keys: one spelling for every reader and writer (gguf-py's Keys)."""
+
+    FORMAT = "format"
+    FORMAT_VERSION = "format_version"
+    CREATED = "created"
+    UPDATED = "updated"
+    CXRLITE_VERSION = "cxrlite_version"
+    MODEL = "model"
+    PREPROCESSING = "preprocessing"
+    PROMPT = "prompt"
+    TOKENIZER = "tokenizer"
+    SOURCE = "source"
+    FILES = "files"
+    VISION = "vision"
+    LLM = "llm"
+    QUALITY = "quality"
+    DEFAULT = "default"
+
+
+class VariantKey:
+    """Keys of one variant's manifest entry."""
+
+    FILE = "file"  # a file, or a folder of listed files (a GPTQ checkpoint)
+    KIND = "kind"  # a Kind
+    DTYPE = "dtype"
+    SIZE = "size"
+    PARITY = "parity"  # how the variant compares with its reference, as measured at build
+    ENGINE = "engine"  # a TensorRT engine's build metadata (GPU, TensorRT version, profile)
+
+
+class Kind:
+    """What runs a variant's file."""
+
+    ONNX = "onnx"
+    TENSORRT = "tensorrt"
+    GGUF = "gguf"
+    GPTQ = "gptq"
+
+
+VARIANT_SECTIONS = (Key.VISION, Key.LLM)
+MERGED_SECTIONS = (*VARIANT_SECTIONS, Key.QUALITY, Key.DEFAULT)
 
 # The vision graph's interface (ONNX input/output names; TensorRT engines keep them).
 VISION_INPUT, VISION_OUTPUT = "pixels", "image_embeds"
@@ -59,8 +95,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+_SIZE, _SHA256 = "size", "sha256"  # the keys of a files entry
+
+
 def file_record(path: Path) -> dict[str, Any]:
-    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    return {_SIZE: path.stat().st_size, _SHA256: sha256_file(path)}
 
 
 def inventory(root: Path) -> dict[str, dict[str, Any]]:
@@ -81,6 +120,49 @@ def safe_rel(rel: Any, where: Path) -> str:
     return rel
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One deployable form of the vision tower or the LLM, as the manifest lists it."""
+
+    section: str  # Key.VISION or Key.LLM
+    name: str  # e.g. "onnx-fp16", "gguf-q4_k_m", "gptq-4bit"
+    entry: dict[str, Any]  # the whole manifest entry, for fields only some kinds carry
+
+    @property
+    def file(self) -> str:
+        return self.entry[VariantKey.FILE]
+
+    @property
+    def kind(self) -> str | None:
+        return self.entry.get(VariantKey.KIND)
+
+    @property
+    def dtype(self) -> str | None:
+        return self.entry.get(VariantKey.DTYPE)
+
+    @property
+    def parity(self) -> dict[str, Any] | None:
+        return self.entry.get(VariantKey.PARITY)
+
+    @property
+    def engine(self) -> dict[str, Any]:
+        return self.entry.get(VariantKey.ENGINE) or {}
+
+    # TEMPORARY-SHIM: dict access while callers move to the attributes above.
+    def __getitem__(self, key: str) -> Any:
+        return self.entry[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.entry.get(key, default)
+
+
+def variant_entry(file: str, kind: str, dtype: str | None, size: int, **fields: Any) -> dict:
+    """A manifest entry for a variant whose `file` (bundle-relative) a writer just produced;
+    `fields` adds what its kind carries (VariantKey.PARITY, VariantKey.ENGINE, ...)."""
+    entry = {VariantKey.FILE: file, VariantKey.KIND: kind, VariantKey.DTYPE: dtype}
+    return {**entry, VariantKey.SIZE: size, **fields}
+
+
 @dataclass
 class Bundle:
     path: Path
@@ -88,41 +170,61 @@ class Bundle:
 
     def file(self, rel: str) -> Path:
         """The path of a listed file, or of a folder holding listed files (a GPTQ checkpoint)."""
-        if not listed(self.manifest["files"], rel):
+        if not listed(self.manifest[Key.FILES], rel):
             raise BundleError(f"{self.path}: {rel!r} is not listed in {MANIFEST_FILE}")
         return self.path / rel
 
-    @property
-    def vision_variants(self) -> dict[str, dict[str, Any]]:
-        return self.manifest["vision"]
+    def variants(self, section: str) -> dict[str, Variant]:
+        return {name: Variant(section, name, e) for name, e in self.manifest[section].items()}
 
     @property
-    def llm_variants(self) -> dict[str, dict[str, Any]]:
-        return self.manifest["llm"]
+    def vision_variants(self) -> dict[str, Variant]:
+        return self.variants(Key.VISION)
 
     @property
-    def default(self) -> dict[str, str | None]:
-        return self.manifest["default"]
+    def llm_variants(self) -> dict[str, Variant]:
+        return self.variants(Key.LLM)
 
-    @property
-    def config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.manifest["model"])
-
-    @property
-    def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig.from_dict(self.manifest["preprocessing"])
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.path / self.manifest["tokenizer"]["dir"]
-
-    def variant_file(self, section: str, name: str) -> Path:
-        variants = self.manifest.get(section, {})
+    def variant(self, section: str, name: str) -> Variant:
+        variants = self.variants(section)
         if name not in variants:
             raise BundleError(
                 f"{self.path}: no {section} variant {name!r}; have {sorted(variants)}"
             )
-        return self.file(variants[name]["file"])
+        return variants[name]
+
+    def variant_file(self, section: str, name: str) -> Path:
+        return self.file(self.variant(section, name).file)
+
+    def file_size(self, rel: str) -> int:
+        """Bytes of a listed file, or of every listed file under a listed folder."""
+        prefix = rel.rstrip("/") + "/"
+        files = self.manifest[Key.FILES]
+        return sum(r[_SIZE] for f, r in files.items() if f == rel or f.startswith(prefix))
+
+    @property
+    def default(self) -> dict[str, str | None]:
+        return self.manifest[Key.DEFAULT]
+
+    @property
+    def quality(self) -> dict[str, Any]:
+        return self.manifest[Key.QUALITY]
+
+    @property
+    def source(self) -> dict[str, Any]:
+        return self.manifest.get(Key.SOURCE) or {}
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.manifest[Key.MODEL])
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.manifest[Key.PREPROCESSING])
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / self.manifest[Key.TOKENIZER]["dir"]
 
 
 def listed(files: dict[str, Any], rel: str) -> bool:
@@ -134,10 +236,10 @@ def listed(files: dict[str, Any], rel: str) -> bool:
 
 def validate_manifest(manifest: Any, where: Path) -> None:
     """Raise BundleError unless `manifest` is a bundle manifest this version can read."""
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    if not isinstance(manifest, dict) or manifest.get(Key.FORMAT) != BUNDLE_FORMAT:
+        found = manifest.get(Key.FORMAT) if isinstance(manifest, dict) else type(manifest).__name__
         raise BundleError(f"{where}: unknown format {found!r}; expected {BUNDLE_FORMAT!r}")
-    version = manifest.get("format_version")
+    version = manifest.get(Key.FORMAT_VERSION)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise BundleError(f"{where}: invalid format_version {version!r}")
     if version > BUNDLE_FORMAT_VERSION:
@@ -145,32 +247,32 @@ def validate_manifest(manifest: Any, where: Path) -> None:
             f"{where}: bundle format_version {version} is newer than this cxrlite reads "
             f"({BUNDLE_FORMAT_VERSION}); upgrade cxrlite"
         )
-    required = ("model", "preprocessing", "tokenizer", "files", *MERGED_SECTIONS)
+    required = (Key.MODEL, Key.PREPROCESSING, Key.TOKENIZER, Key.FILES, *MERGED_SECTIONS)
     missing = [key for key in required if not isinstance(manifest.get(key), dict)]
     if missing:
         raise BundleError(f"{where}: manifest lacks {missing}")
     try:
-        cfg = ModelConfig.from_dict(manifest["model"])
-        PreprocessConfig.from_dict(manifest["preprocessing"])
+        cfg = ModelConfig.from_dict(manifest[Key.MODEL])
+        PreprocessConfig.from_dict(manifest[Key.PREPROCESSING])
     except (TypeError, ValueError) as e:
         raise BundleError(f"{where}: config does not validate ({e})") from None
-    if cfg.preprocess != manifest["preprocessing"]:
+    if cfg.preprocess != manifest[Key.PREPROCESSING]:
         raise BundleError(f"{where}: preprocessing differs from the model config's")
-    for rel, record in manifest["files"].items():
+    for rel, record in manifest[Key.FILES].items():
         safe_rel(rel, where)
         if not (
             isinstance(record, dict)
-            and isinstance(record.get("size"), int)
-            and isinstance(record.get("sha256"), str)
-            and len(record["sha256"]) == 64
+            and isinstance(record.get(_SIZE), int)
+            and isinstance(record.get(_SHA256), str)
+            and len(record[_SHA256]) == 64
         ):
             raise BundleError(f"{where}: bad files entry for {rel!r}")
     for section in VARIANT_SECTIONS:
         for name, entry in manifest[section].items():
-            rel = entry.get("file") if isinstance(entry, dict) else None
-            if not listed(manifest["files"], safe_rel(rel, where)):
+            rel = entry.get(VariantKey.FILE) if isinstance(entry, dict) else None
+            if not listed(manifest[Key.FILES], safe_rel(rel, where)):
                 raise BundleError(f"{where}: {section} variant {name!r} names unlisted {rel!r}")
-    for section, name in manifest["default"].items():
+    for section, name in manifest[Key.DEFAULT].items():
         if name is not None and name not in manifest.get(section, {}):
             raise BundleError(f"{where}: default {section} variant {name!r} does not exist")
 
@@ -181,12 +283,12 @@ def _verify_files(root: Path, files: dict[str, dict[str, Any]], mode: str) -> No
         if not path.is_file():
             raise BundleError(f"{root}: {rel} is missing (listed in {MANIFEST_FILE})")
         size = path.stat().st_size
-        if size != record["size"]:
+        if size != record[_SIZE]:
             raise BundleError(
-                f"{root}: {rel} is {size} bytes, the manifest says {record['size']}: "
+                f"{root}: {rel} is {size} bytes, the manifest says {record[_SIZE]}: "
                 "modified or truncated; re-export the bundle"
             )
-        if mode == "sha256" and sha256_file(path) != record["sha256"]:
+        if mode == "sha256" and sha256_file(path) != record[_SHA256]:
             raise BundleError(
                 f"{root}: {rel} does not match its sha256 in the manifest: modified or "
                 "corrupted; re-export the bundle"
@@ -215,5 +317,5 @@ def load_bundle(path: str | os.PathLike, verify: bool | str = True) -> Bundle:
         raise BundleError(f"{manifest_path}: unreadable ({e})") from None
     validate_manifest(manifest, root)
     if mode != "none":
-        _verify_files(root, manifest["files"], mode)
+        _verify_files(root, manifest[Key.FILES], mode)
     return Bundle(root, manifest)

@@ -82,6 +82,35 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
         raise
 
 
+def staging_dir(parent: Path, prefix: str, suffix: str = "") -> Path:
+    """A new temp folder in `parent` named `<prefix><pid>.<random><suffix>`: the process id lets
+    a later run tell an interrupted writer's leftovers (its process gone) from a live writer's."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}.", suffix=suffix, dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_staging(parent: Path, prefix: str) -> list[Path]:
+    """Delete the folders `staging_dir(parent, prefix)` made for writers that have exited (a
+    killed export, an interrupted checkpoint save); a live writer's folder is kept."""
+    removed = []
+    for path in sorted(parent.glob(f"{prefix}*")) if parent.is_dir() else []:
+        pid = path.name[len(prefix) :].split(".", 1)[0]
+        if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(
     path: str | os.PathLike, replaceable: Callable[[Path], bool] = lambda p: False
@@ -93,8 +122,8 @@ def atomic_dir(
         raise FileExistsError(
             f"{out}: exists and is not something cxrlite wrote; refusing to replace it"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_stale_staging(out.parent, f".{out.name}.")
+    tmp = staging_dir(out.parent, f".{out.name}.", suffix=".tmp")
     try:
         yield tmp
         make_readable(tmp)

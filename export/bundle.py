@@ -35,12 +35,16 @@ from cxrlite.bundle import (
     VISION_OUTPUT,
     Bundle,
     BundleError,
+    Key,
+    Kind,
+    VariantKey,
     inventory,
     load_bundle,
     sha256_file,
     validate_manifest,
+    variant_entry,
 )
-from cxrlite.fileio import write_json
+from cxrlite.fileio import remove_stale_staging, staging_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -78,29 +82,29 @@ def _base_manifest(ckpt_dir: Path, staging: Path) -> dict[str, Any]:
     names = _copy_tokenizer(ckpt_dir, staging / TOKENIZER_DIR)
     tokenizer = load_tokenizer(staging / TOKENIZER_DIR)  # proves the copy loads
     return {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cxrlite_version": cxrlite.__version__,
-        "model": cfg.to_dict(),
-        "preprocessing": dict(cfg.preprocess),
-        "prompt": {
+        Key.FORMAT: BUNDLE_FORMAT,
+        Key.FORMAT_VERSION: BUNDLE_FORMAT_VERSION,
+        Key.CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
+        Key.CXRLITE_VERSION: cxrlite.__version__,
+        Key.MODEL: cfg.to_dict(),
+        Key.PREPROCESSING: dict(cfg.preprocess),
+        Key.PROMPT: {
             "template": cfg.prompt_template,
             "chat_template": tokenizer.chat_template,
             "image_token": cfg.image_token,
             "image_token_id": cfg.image_token_id,
             "n_image_tokens": cfg.n_image_tokens,
         },
-        "tokenizer": {"dir": TOKENIZER_DIR, "files": names},
-        "source": {
+        Key.TOKENIZER: {"dir": TOKENIZER_DIR, "files": names},
+        Key.SOURCE: {
             "path": str(ckpt_dir.resolve()),
             "weights_sha256": sha256_file(ckpt_dir / WEIGHTS_FILE),
             "config": json.loads((ckpt_dir / CONFIG_FILE).read_text(encoding="utf-8")),
         },
-        "vision": {},
-        "llm": {},
-        "quality": {},
-        "default": {"vision": None, "llm": None},
+        Key.VISION: {},
+        Key.LLM: {},
+        Key.QUALITY: {},
+        Key.DEFAULT: {Key.VISION: None, Key.LLM: None},
     }
 
 
@@ -117,7 +121,7 @@ def _merge_parts(manifest: dict[str, Any], parts: dict[str, Any] | None, where: 
             if entry is None:
                 manifest[section].pop(name, None)
                 if section in VARIANT_SECTIONS:
-                    manifest["quality"].pop(name, None)
+                    manifest[Key.QUALITY].pop(name, None)
             else:
                 manifest[section][name] = entry
 
@@ -125,8 +129,8 @@ def _merge_parts(manifest: dict[str, Any], parts: dict[str, Any] | None, where: 
 def _settle_defaults(manifest: dict[str, Any]) -> None:
     """A default that names no variant falls back to the first one left (or None)."""
     for section in VARIANT_SECTIONS:
-        if manifest["default"].get(section) not in manifest[section]:
-            manifest["default"][section] = next(iter(manifest[section]), None)
+        if manifest[Key.DEFAULT].get(section) not in manifest[section]:
+            manifest[Key.DEFAULT][section] = next(iter(manifest[section]), None)
 
 
 def _run_builders(
@@ -159,20 +163,21 @@ def create_bundle(
             raise BundleError(f"{out}: exists and is not a bundle; refusing to replace it")
         if is_bundle and not overwrite:
             raise BundleError(f"{out}: a bundle already exists (overwrite it explicitly)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out.name}-", dir=out.parent))
+    for stale in remove_stale_staging(out.parent, f"{STAGING_PREFIX}{out.name}-"):
+        logger.info("removed %s, left by an interrupted export", stale)
+    staging = staging_dir(out.parent, f"{STAGING_PREFIX}{out.name}-")
     try:
         manifest = _base_manifest(ckpt, staging)
         _run_builders(_as_list(build), staging, manifest, out)
         _settle_defaults(manifest)
-        manifest["files"] = inventory(staging)
+        manifest[Key.FILES] = inventory(staging)
         validate_manifest(manifest, out)
         write_json(staging / MANIFEST_FILE, manifest)
         _swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("wrote bundle %s (%d files)", out, len(manifest["files"]))
+    logger.info("wrote bundle %s (%d files)", out, len(manifest[Key.FILES]))
     return Bundle(out, manifest)
 
 
@@ -215,11 +220,11 @@ def _owns(entry_file: str, rel: str) -> bool:
 
 def _orphans(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
     """Files owned by a variant of `old` that no variant of `new` owns."""
-    old_owners = [e["file"] for s in VARIANT_SECTIONS for e in old[s].values()]
-    new_owners = [e["file"] for s in VARIANT_SECTIONS for e in new[s].values()]
+    old_owners = [e[VariantKey.FILE] for s in VARIANT_SECTIONS for e in old[s].values()]
+    new_owners = [e[VariantKey.FILE] for s in VARIANT_SECTIONS for e in new[s].values()]
     return {
         rel
-        for rel in old["files"]
+        for rel in old[Key.FILES]
         if any(_owns(p, rel) for p in old_owners) and not any(_owns(p, rel) for p in new_owners)
     }
 
@@ -229,11 +234,11 @@ def _without_files(manifest: dict[str, Any], rels: set[str]) -> dict[str, Any]:
     out = json.loads(json.dumps(manifest))
     for section in VARIANT_SECTIONS:
         for name, entry in list(out[section].items()):
-            if any(_owns(entry["file"], rel) for rel in rels):
+            if any(_owns(entry[VariantKey.FILE], rel) for rel in rels):
                 del out[section][name]
-                out["quality"].pop(name, None)
+                out[Key.QUALITY].pop(name, None)
     dropped = rels | _orphans(manifest, out)
-    out["files"] = {rel: rec for rel, rec in out["files"].items() if rel not in dropped}
+    out[Key.FILES] = {rel: rec for rel, rec in out[Key.FILES].items() if rel not in dropped}
     _settle_defaults(out)
     return out
 
@@ -247,23 +252,23 @@ def update_bundle(
     dropped from the manifest, so no manifest ever lists a file being rewritten."""
     bundle = load_bundle(bundle_dir, verify=verify)
     root, manifest = bundle.path, bundle.manifest
-    _remove_unlisted(root, manifest["files"])
+    _remove_unlisted(root, manifest[Key.FILES])
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}update-", dir=root))
     try:
         parts = add(staging)
         new_files = inventory(staging)
         updated = json.loads(json.dumps(manifest))
         _merge_parts(updated, parts, root)
-        updated["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
+        updated[Key.UPDATED] = datetime.now(UTC).isoformat(timespec="seconds")
         orphans = _orphans(manifest, updated) - set(new_files)
-        kept = {rel: rec for rel, rec in manifest["files"].items() if rel not in orphans}
-        updated["files"] = dict(sorted({**kept, **new_files}.items()))
+        kept = {rel: rec for rel, rec in manifest[Key.FILES].items() if rel not in orphans}
+        updated[Key.FILES] = dict(sorted({**kept, **new_files}.items()))
         _settle_defaults(updated)
         validate_manifest(updated, root)  # before anything in the bundle changes
         replaced = {
             rel
             for rel, record in new_files.items()
-            if rel in manifest["files"] and manifest["files"][rel]["sha256"] != record["sha256"]
+            if rel in manifest[Key.FILES] and manifest[Key.FILES][rel] != record
         }
         if replaced:
             # The old content stops being part of the bundle before it is overwritten.
@@ -274,7 +279,7 @@ def update_bundle(
         write_json(root / MANIFEST_FILE, updated)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _remove_unlisted(root, updated["files"])
+    _remove_unlisted(root, updated[Key.FILES])
     logger.info("updated bundle %s", root)
     return Bundle(root, updated)
 
@@ -300,13 +305,8 @@ def _onnx_variant(
         "%s: max abs diff %.3g, relative error %.3g, mean cosine %.6f",
         path.name, report["max_abs_diff"], report["max_rel_error"], report["mean_cosine"],
     )  # fmt: skip
-    return {
-        "file": path.relative_to(staging).as_posix(),
-        "kind": "onnx",
-        "dtype": report["precision"],
-        "size": path.stat().st_size,
-        "parity": report,
-    }
+    rel = path.relative_to(staging).as_posix()
+    return variant_entry(rel, Kind.ONNX, report["precision"], path.stat().st_size, parity=report)
 
 
 def _torch_reference(tower: Any) -> Callable[[np.ndarray], np.ndarray]:
@@ -359,7 +359,7 @@ def vision_builder(
             )  # fmt: skip
             variants[f"tensorrt-{'fp16' if fp16 else 'fp32'}"] = entry
         # fp32 runs on every machine; runtimes may prefer another variant for their device.
-        return {"vision": variants, "default": {"vision": "onnx-fp32"}}
+        return {Key.VISION: variants, Key.DEFAULT: {Key.VISION: "onnx-fp32"}}
 
     return build
 
@@ -417,8 +417,8 @@ def add_tensorrt_engine(
     if "onnx-fp32" not in variants:
         raise BundleError(f"{bundle.path}: no onnx-fp32 vision variant to build from")
     fp16 = "onnx-fp16" in variants
-    source = bundle.variant_file("vision", "onnx-fp16" if fp16 else "onnx-fp32")
-    fp32 = onnx_session(bundle.variant_file("vision", "onnx-fp32"), ["CPUExecutionProvider"])
+    source = bundle.variant_file(Key.VISION, "onnx-fp16" if fp16 else "onnx-fp32")
+    fp32 = onnx_session(bundle.variant_file(Key.VISION, "onnx-fp32"), ["CPUExecutionProvider"])
     pixels = ox.phantom_pixels(bundle.config) if validation_pixels is None else validation_pixels
 
     def reference(batch: np.ndarray) -> np.ndarray:
@@ -429,7 +429,7 @@ def add_tensorrt_engine(
             source, staging, reference, ox.split_batches(pixels), fp16,
             max_batch=max_batch, timing_cache=timing_cache,
         )  # fmt: skip
-        entry["parity"]["reference"] = "onnx-fp32"
-        return {"vision": {f"tensorrt-{'fp16' if fp16 else 'fp32'}": entry}}
+        entry[VariantKey.PARITY]["reference"] = "onnx-fp32"
+        return {Key.VISION: {f"tensorrt-{'fp16' if fp16 else 'fp32'}": entry}}
 
     return update_bundle(bundle.path, add, verify=False)  # verified just above

@@ -456,8 +456,9 @@ def gguf_parity(
     layout).
 
     `max_abs_diff_tokens` / `max_abs_diff_image` use an f32 KV cache and no flash attention, so
-    they measure the file alone (f32 GGUF: ~1e-6). `max_abs_diff_runtime` is the same text
-    comparison with llama.cpp's defaults (f16 KV cache, flash attention), what serving sees."""
+    they measure the file alone (an f32 GGUF matches to float rounding). `max_abs_diff_runtime`
+    is the same text comparison with llama.cpp's defaults (f16 KV cache, flash attention), what
+    serving sees."""
     from cxrlite.model.checkpoint import load
     from cxrlite.runtime.llamacpp import LlamaCppLLM
 

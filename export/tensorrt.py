@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrlite.bundle import VISION_INPUT
+from cxrlite.bundle import VISION_INPUT, Kind, variant_entry
 from cxrlite.export.onnx import ParityError, check_parity, onnx_precision, parity_figures
 from cxrlite.fileio import atomic_write_bytes
 from cxrlite.runtime.tensorrt_runner import (
@@ -167,11 +167,8 @@ def engine_variant(
     report.update(batch_sizes=[len(b) for b in usable], n_images=int(len(got)))
     if not report["passed"]:
         raise ParityError(f"{engine.name}: relative error {report['max_rel_error']:.3g} > 1e-2")
-    return {
-        "file": engine.relative_to(staging).as_posix(),
-        "kind": "tensorrt",
-        "dtype": "float16" if meta["fp16"] else "float32",
-        "size": engine.stat().st_size,
-        "engine": meta,
-        "parity": report,
-    }
+    dtype = "float16" if meta["fp16"] else "float32"
+    rel = engine.relative_to(staging).as_posix()
+    return variant_entry(
+        rel, Kind.TENSORRT, dtype, engine.stat().st_size, engine=meta, parity=report
+    )

@@ -17,11 +17,14 @@ intermediate_size of 172 is not a multiple of 8, so it cannot be packed in this 
 GPTQModel), which both checks the format independently and gives the reference weights that a
 GPTQ model's outputs are compared against.
 
-Installing GPTQModel 7.6.0 here (CPU torch 2.13): `pip install "gptqmodel==7.6.0" --no-deps` plus
+Installing GPTQModel 7.6.0 with CPU torch 2.13: `pip install "gptqmodel==7.6.0" --no-deps` plus
 its dependencies with torch and numpy pinned (its numpy==2.2.6 pin is stricter than it needs);
 torchao is optional and left out. Its first quantization compiles a small C++ packing kernel
-into ~/.cache/gptqmodel (about 45 s on two cores); GPTQMODEL_DISABLE_PACK_EXT=1 uses its Python
-packing instead (same files).
+into ~/.cache/gptqmodel; GPTQMODEL_DISABLE_PACK_EXT=1 uses its Python packing instead (same
+files, no compiler needed, so tests set it).
+
+The device is cxrlite.device.resolve_device's (purpose "quantization") unless the caller passes
+one: GPTQ runs where the model fits, fp16 on a GPU and fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 
 import torch
 
+from cxrlite.device import resolve_device
 from cxrlite.fileio import atomic_dir, write_json
 from cxrlite.model.config import LLMConfig
 from cxrlite.runtime.gptq import (
@@ -116,7 +120,7 @@ def quantize_gptq(
     act_order: bool = False,
     sym: bool = True,
     max_tokens: int = 512,
-    device: str | None = None,
+    device: str | torch.device | None = None,
 ) -> Path:
     """Quantize the LLM of a cxrlite checkpoint with GPTQ and write a standard HF GPTQ folder.
 
@@ -136,7 +140,7 @@ def quantize_gptq(
         raise GPTQError("GPTQ needs calibration texts of at least 10 tokens; none were given")
     with gptqmodel_output():
         gptqmodel = import_gptqmodel()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device, purpose="quantization").device
     quant_config = gptqmodel.GPTQConfig(
         bits=bits,
         group_size=group_size,
@@ -150,9 +154,9 @@ def quantize_gptq(
         model.llm.save_pretrained(src)
         save_tokenizer(tokenizer, src)
         del model
-        dtype = torch.float32 if device == "cpu" else torch.float16
+        dtype = torch.float32 if device.type == "cpu" else torch.float16
         with gptqmodel_output():
-            quantizer = gptqmodel.GPTQModel.load(src, quant_config, device=device, dtype=dtype)
+            quantizer = gptqmodel.GPTQModel.load(src, quant_config, device=str(device), dtype=dtype)
             quantizer.quantize(calibration, batch_size=1)
         with atomic_dir(out_dir, lambda p: (p / MARKER_FILE).is_file()) as tmp:
             with gptqmodel_output():

@@ -1,9 +1,11 @@
-"""Tiny checkpoints for the export and bundle tests (imported by test_export_onnx, test_bundle)."""
+"""Tiny checkpoints for the export, bundle and LLaVA tests (conftest's `tiny_checkpoint` builds
+one per bridger per session; a test that needs other settings calls `make_checkpoint`)."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,11 +27,15 @@ def report_corpus() -> list[str]:
     ]
 
 
-def make_checkpoint(root: Path, bridger: str = "mlp") -> tuple[CXRVLM, Path]:
+def make_checkpoint(
+    root: Path, bridger: str = "mlp", *, tokenizer: Any = None, **overrides: Any
+) -> tuple[CXRVLM, Path]:
     """A tiny checkpoint whose weights are perturbed away from their init (a trained model's
-    scale), saved under root/ckpt-<bridger>."""
-    cfg = get_preset("tiny", bridger={"kind": bridger})
-    tokenizer = build_tokenizer(cfg, root / f"tok-{bridger}", corpus=report_corpus())
+    scale), saved under root/ckpt-<bridger>. `overrides` go to the tiny preset; without a
+    `tokenizer`, one is trained on `report_corpus` under root/tok-<bridger>."""
+    cfg = get_preset("tiny", bridger={"kind": bridger}, **overrides)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(cfg, root / f"tok-{bridger}", corpus=report_corpus())
     cfg = bind_tokenizer(cfg, tokenizer)
     torch.manual_seed(0)
     model = CXRVLM(cfg).eval()

@@ -1,5 +1,6 @@
-"""Shared pieces of the server tests: one tiny runtime per session, images as data URLs, a
-gate that holds the LLM between tokens, and a live uvicorn server on a free loopback port."""
+"""Shared pieces of the server tests: one tiny runtime per session, test clients around it,
+images as data URLs, a gate that holds the LLM between tokens, a live uvicorn server on a free
+loopback port, and readers of metrics and server-sent events."""
 
 from __future__ import annotations
 
@@ -10,14 +11,21 @@ import threading
 from collections.abc import Iterator
 
 import numpy as np
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from runtime_testkit import runtime_bundle
 
+from cxrlite.imaging.decode import load_image
 from cxrlite.imaging.write import dicom_bytes, png_bytes
 from cxrlite.phantoms.generator import make_phantom_study
 from cxrlite.runtime import Runtime
+from cxrlite.server import ServerSettings, create_app
 
 _RUNTIMES: dict[str, Runtime] = {}
 GATE_TIMEOUT_S = 120.0  # a test that forgets to open a gate fails instead of hanging
+PROMPT = "Describe the findings in this chest X-ray."
+CAP = 16  # max_tokens_cap of the test apps: short generations keep the tests quick
+WAIT_S = 60  # waits on events return as soon as they are set; this only bounds a failure
 
 
 def shared_runtime(tmp_path_factory) -> Runtime:
@@ -30,6 +38,43 @@ def shared_runtime(tmp_path_factory) -> Runtime:
             bundle, threads=1, kv_type="f32", flash_attn=False, warmup=False
         )
     return _RUNTIMES[key]
+
+
+@contextlib.contextmanager
+def app_clients(runtime: Runtime) -> Iterator:
+    """`make(**settings)`: a started TestClient of an app around `runtime` (max_tokens_cap CAP
+    unless given); every client made is closed on leaving."""
+    with contextlib.ExitStack() as stack:
+
+        def make(**settings) -> TestClient:
+            settings.setdefault("max_tokens_cap", CAP)
+            client = TestClient(create_app(runtime, ServerSettings(**settings)))
+            return stack.enter_context(client)
+
+        yield make
+
+
+def greedy(runtime: Runtime, image: bytes, max_tokens: int = CAP):
+    """The runtime's own greedy answer to PROMPT about `image`, without its cache."""
+    return runtime.complete(PROMPT, load_image(image), max_tokens=max_tokens, use_cache=False)
+
+
+def metric(client, name: str, headers: dict | None = None, **labels: str) -> float:
+    """A sample's value from the client's /metrics (0 when absent)."""
+    text = client.get("/metrics", headers=headers or {}).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def sse_events(text: str) -> list[str]:
+    """The data of each server-sent event of a complete stream."""
+    assert text.endswith("\n\n")
+    blocks = text.strip("\n").split("\n\n")
+    assert all(b.startswith("data: ") for b in blocks)
+    return [b[len("data: ") :] for b in blocks]
 
 
 def phantom_png(seed: int, size: int = 96) -> bytes:

@@ -13,19 +13,12 @@ import pytest
 from click.testing import CliRunner
 from runtime_testkit import runtime_bundle
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-
-from cxrlite.bench.bandwidth import last_level_cache_bytes, measure_bandwidth  # noqa: E402
-from cxrlite.bench.latency import run_job_isolated  # noqa: E402
-from cxrlite.bench.loadtest import LoadTestError, check_loopback, run_loadtest  # noqa: E402
-from cxrlite.bench.report import add_bandwidth_bounds, summarize  # noqa: E402
-from cxrlite.bench.shapes import (  # noqa: E402
-    build_shape_bundle,
-    fit_check,
-    predicted_gguf_bytes,
-    shape_config,
-)
-from cxrlite.commands.bench import bench  # noqa: E402
+from cxrlite.bench.bandwidth import last_level_cache_bytes, measure_bandwidth
+from cxrlite.bench.loadtest import LoadTestError, check_loopback, run_loadtest
+from cxrlite.bench.report import add_bandwidth_bounds, summarize
+from cxrlite.bench.shapes import build_shape_bundle, fit_check, predicted_gguf_bytes, shape_config
+from cxrlite.bench.worker import run_job_isolated
+from cxrlite.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +26,9 @@ def built(tmp_path_factory):
     return runtime_bundle(tmp_path_factory)
 
 
-def _percentiles_ordered(stats: dict) -> bool:
-    return stats["n"] > 0 and stats["p50"] <= stats["p90"] <= stats["p99"]
+def _measured(stats: dict, n: int) -> bool:
+    """`n` values were summarized and their median is a positive time or rate."""
+    return stats["n"] == n and stats["p50"] > 0
 
 
 def test_summarize_percentiles():
@@ -46,17 +40,19 @@ def test_summarize_percentiles():
 
 def test_bandwidth_is_positive():
     result = measure_bandwidth(size_mb=16, threads=2, repeats=2)
-    assert result["read_gbs"] > 0.1 and result["copy_gbs"] > 0.1
+    assert result["read_gbs"] > 0 and result["copy_gbs"] > 0
     assert result["read_gbs"] == max(result["read_gbs_1thread"], result["read_gbs_threads"])
 
 
 def test_bench_cli_json_schema(built, tmp_path):
     _, _, bundle = built
     out = tmp_path / "out"
-    args = [str(bundle), "--runs", "2", "--warmup", "1", "--max-tokens", "8", "--threads", "1",
-            "--vision-backends", "torch,onnx-fp32,onnx-int8", "--llm-variants", "torch,gguf-f32",
+    # `cxrlite bench BUNDLE ...`: the default subcommand, latency
+    args = ["bench", str(bundle), "--runs", "2", "--warmup", "1", "--max-tokens", "8",
+            "--threads", "1", "--vision-backends", "torch,onnx-fp32,onnx-int8",
+            "--llm-variants", "torch,gguf-f32",
             "--no-isolate", "--bandwidth-mb", "16", "--out", str(out)]  # fmt: skip
-    run = CliRunner().invoke(bench, args, catch_exceptions=False)
+    run = CliRunner().invoke(main, args, catch_exceptions=False)
     assert run.exit_code == 0, run.output
     assert "Vision tower" in run.output and "gguf-f32" in run.output
     result = json.loads((out / "bench.json").read_text())
@@ -67,16 +63,16 @@ def test_bench_cli_json_schema(built, tmp_path):
     assert set(result["vision"]) == {"torch-fp32", "onnx-fp32"}
     assert "vision:onnx-int8" in result["skipped"]  # not in this bundle: listed, not fatal
     for phase in ("decode_ms", "preprocess_ms"):
-        assert _percentiles_ordered(result["image"][phase]) and result["image"][phase]["p50"] > 0
+        assert _measured(result["image"][phase], 2), phase
     for row in result["vision"].values():
-        assert _percentiles_ordered(row["vision_ms"]) and row["vision_ms"]["n"] == 2
+        assert _measured(row["vision_ms"], 2)
         assert row["memory"]["peak_rss_mb"] > 0 and row["size_bytes"] > 0
     assert result["vision"]["torch-fp32"]["speedup_vs_torch"] == pytest.approx(1.0)
     assert set(result["llm"]) == {"torch-fp32", "gguf-f32"}
     for row in result["llm"].values():
-        for key in ("prefill_ms", "ttft_ms", "e2e_ms", "tokens_per_s", "itl_ms", "vision_ms"):
-            assert _percentiles_ordered(row[key]) and row[key]["p50"] > 0, key
-        assert row["itl_ms"]["n"] == 2 * 7  # exactly max_tokens per run: EOS never stops it
+        for key in ("prefill_ms", "ttft_ms", "e2e_ms", "tokens_per_s", "vision_ms"):
+            assert _measured(row[key], 2), key
+        assert _measured(row["itl_ms"], 2 * 7)  # exactly max_tokens per run: EOS never stops it
         assert row["ttft_ms"]["p50"] > row["prefill_ms"]["p50"]  # TTFT includes the image work
         assert row["e2e_ms"]["p50"] >= row["ttft_ms"]["p50"]
     gguf = result["llm"]["gguf-f32"]
@@ -254,7 +250,7 @@ def test_loadtest_against_a_local_sse_stub(fake_server, tmp_path):
         assert level["requests"] == 6 and level["ok"] == 4 and level["errors"] == {"503": 2}
         assert level["tokens"] == 4 * 5 and level["tokens_per_s"] > 0
         assert level["ttft_ms"]["n"] == 4 and level["itl_ms"]["n"] == 4 * 4
-        assert _percentiles_ordered(level["latency_ms"])
+        assert _measured(level["latency_ms"], 4)
     from cxrlite.bench.report import plot_throughput
 
     assert plot_throughput(result, tmp_path / "t.png").stat().st_size > 1000

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_testkit import make_checkpoint
 
 from cxrlite.bundle import MANIFEST_FILE, BundleError, load_bundle, sha256_file
 from cxrlite.export.bundle import add_tensorrt_engine, create_bundle, export_bundle, update_bundle
@@ -21,10 +20,10 @@ from cxrlite.runtime.tensorrt_runner import TensorRTError
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundle")
-    model, ckpt = make_checkpoint(root)
-    return model, ckpt, export_bundle(ckpt, root / "bundle", fp16=True, int8=True)
+def exported(tiny_checkpoint, tmp_path_factory):
+    model, ckpt = tiny_checkpoint("mlp")
+    bundle = export_bundle(ckpt, tmp_path_factory.mktemp("bundle") / "bundle", fp16=True, int8=True)
+    return model, ckpt, bundle
 
 
 @pytest.fixture

@@ -9,9 +9,8 @@ import pytest
 from click.testing import CliRunner
 from runtime_testkit import runtime_bundle
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-
-from cxrlite.commands.eval import MC_TASKS, eval_command, load_eval_data  # noqa: E402
+from cxrlite.cli import main
+from cxrlite.eval.chexbench import MC_TASKS, add_agreement, load_eval_data
 from cxrlite.phantoms.generator import generate_phantoms
 
 
@@ -23,7 +22,7 @@ def data(tmp_path_factory):
 
 
 def _run(args):
-    result = CliRunner().invoke(eval_command, args, catch_exceptions=False)
+    result = CliRunner().invoke(main, ["eval", *args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result
 
@@ -67,7 +66,8 @@ def test_eval_checkpoint_and_bundle(tmp_path_factory, data, tmp_path):
     # the bundle's reference is the checkpoint itself: same seed, same numbers
     assert bundle_payload["results"]["torch-fp32"]["mc"] == result["mc"]
     assert bundle_payload["results"]["torch-fp32"]["findings"] == result["findings"]
-    # gguf f32 decodes greedily to the reference's very text (parity ~1e-6 on the logits)
+    # gguf f32 decodes greedily to the reference's very text: llama.cpp's exact f32 path differs
+    # from PyTorch far less than the random model's top-1/top-2 logit margins
     results = bundle_payload["results"]
     assert results["torch-fp32"]["same_text_as_reference"] == 1.0
     assert results["gguf-f32"]["generated"] == results["torch-fp32"]["generated"]
@@ -77,14 +77,13 @@ def test_eval_checkpoint_and_bundle(tmp_path_factory, data, tmp_path):
 def test_eval_rejects_unknown_variants(tmp_path_factory, data):
     _, _, bundle = runtime_bundle(tmp_path_factory)
     result = CliRunner().invoke(
-        eval_command, [str(bundle), "--data", str(data), "--variants", "nope"]
+        main, ["eval", str(bundle), "--data", str(data), "--variants", "nope"]
     )
-    assert result.exit_code != 0 and "unknown variants ['nope']" in result.output
+    assert result.exit_code == 1 and "unknown variants ['nope']" in result.output
+    assert "--variants" in result.output and "Traceback" not in result.output
 
 
 def test_agreement_counts_identical_texts():
-    from cxrlite.commands.eval import add_agreement
-
     results = {"ref": {"generated": ["a b", "c", "d"]}, "q4": {"generated": ["a b", "c.", "d"]}}
     add_agreement(results)
     assert results["ref"]["same_text_as_reference"] == 1.0

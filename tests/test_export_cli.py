@@ -37,8 +37,7 @@ def test_export_writes_a_verified_bundle(bundle) -> None:
 
 
 def test_quantize_adds_gguf_and_gptq_variants(bundle, monkeypatch) -> None:
-    monkeypatch.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")  # its C++ packer compiles for ~45 s
-    pytest.importorskip("gptqmodel")
+    monkeypatch.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")  # its C++ packer compiles on first use
     _, out = bundle
     args = [
         "--gguf",
@@ -89,3 +88,53 @@ def test_export_refuses_to_replace_user_data(bundle, tmp_path: Path) -> None:
 def test_quantize_on_a_folder_that_is_not_a_bundle(tmp_path: Path) -> None:
     code, _, stderr = run("quantize", str(tmp_path))
     assert code == 1 and "manifest" in stderr
+
+
+def test_calibration_texts(tmp_path: Path) -> None:
+    from cxrlite.quantize.variants import QuantizeError, calibration_texts
+
+    phantom = calibration_texts(None, n=4, seed=1)
+    assert len(phantom) == 4 and all(t.strip() for t in phantom)
+    assert calibration_texts(None, n=4, seed=1) == phantom  # same seed, same text
+    lines = tmp_path / "calibration.txt"
+    lines.write_text("Small left effusion.\n\nNo pneumothorax.\n")
+    assert calibration_texts(lines) == ["Small left effusion.", "No pneumothorax."]
+    jsonl = tmp_path / "calibration.jsonl"
+    jsonl.write_text('{"text": "Mild cardiomegaly."}\n{"id": 2}\n')
+    assert calibration_texts(jsonl) == ["Mild cardiomegaly."]
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(QuantizeError, match="binary.txt: not UTF-8"):
+        calibration_texts(binary)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(QuantizeError, match="no calibration text"):
+        calibration_texts(empty)
+
+
+def test_default_is_the_smallest_deployable_gguf() -> None:
+    from types import SimpleNamespace
+
+    from cxrlite.quantize.gate import best_default, gate_variants
+
+    variants = {
+        "gguf-f32": {"file": "llm/f32.gguf", "kind": "gguf"},
+        "gguf-q8_0": {"file": "llm/q8.gguf", "kind": "gguf"},
+        "gguf-q4_k_m": {"file": "llm/q4.gguf", "kind": "gguf"},
+        "gptq-4bit": {"file": "llm/gptq", "kind": "gptq"},
+    }
+    sizes = {"llm/f32.gguf": 400, "llm/q8.gguf": 100, "llm/q4.gguf": 60, "llm/gptq": 10}
+    manifest = {"files": {k: {"size": v} for k, v in sizes.items()}, "default": {"llm": "gguf-f32"}}
+    bundle = SimpleNamespace(llm_variants=variants, manifest=manifest)
+    quality = {
+        "gguf-q8_0": {"deployable": True},
+        "gguf-q4_k_m": {"deployable": False},
+        "gptq-4bit": {"deployable": True},  # smaller, but GGUF runs everywhere
+    }
+    assert best_default(bundle, quality) == "gguf-q8_0"
+    quality["gguf-q4_k_m"]["deployable"] = True
+    assert best_default(bundle, quality) == "gguf-q4_k_m"
+    assert best_default(bundle, {"gptq-4bit": {"deployable": True}}) == "gguf-f32"
+    # no held-out studies: nothing is evaluated, and only --force makes a variant deployable
+    skipped = gate_variants(Path("unused"), ["gguf-q8_0"], None, 0, 0.02, False, None)
+    assert skipped == {"gguf-q8_0": {"deployable": False, "forced": False, "evaluated": False}}

@@ -8,7 +8,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_testkit import make_checkpoint
 
 from cxrlite.export.onnx import (
     FP16_MAX_REL_ERROR,
@@ -28,11 +27,11 @@ from cxrlite.runtime.plan import BackendError
 
 
 @pytest.fixture(scope="module", params=["mlp", "qformer"])
-def exported(request, tmp_path_factory):
+def exported(request, tiny_checkpoint, tmp_path_factory):
     """(model, checkpoint, fp32 graph) per bridger; the graph is exported from the folder."""
-    root = tmp_path_factory.mktemp(f"onnx-{request.param}")
-    model, ckpt = make_checkpoint(root, request.param)
-    return model, ckpt, export_vision_onnx(ckpt, root / "out" / "vision.onnx")
+    model, ckpt = tiny_checkpoint(request.param)
+    out = tmp_path_factory.mktemp(f"onnx-{request.param}") / "out"
+    return model, ckpt, export_vision_onnx(ckpt, out / "vision.onnx")
 
 
 @pytest.fixture(scope="module")

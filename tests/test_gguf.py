@@ -5,22 +5,18 @@ from __future__ import annotations
 import json
 import random
 
+import gguf
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 
-pytest.importorskip("gguf", reason="the gguf package is not installed")
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-
-import gguf  # noqa: E402
-import sentencepiece as spm  # noqa: E402
-
-from cxrlite.export.gguf import GGUFExportError, gguf_parity, read_vocab, write_gguf  # noqa: E402
+from cxrlite.export.gguf import GGUFExportError, gguf_parity, read_vocab, write_gguf
 from cxrlite.model.checkpoint import save
 from cxrlite.model.config import get_preset
 from cxrlite.model.tokenizer import bind_tokenizer, load_pretrained_tokenizer, train_tokenizer
 from cxrlite.model.vlm import CXRVLM
-from cxrlite.quantize.gguf import (  # noqa: E402
+from cxrlite.quantize.gguf import (
     GGUFQuantizeError,
     compute_imatrix,
     gguf_tensor_types,
@@ -81,10 +77,10 @@ def test_f32_parity_with_text_and_image_embeddings(tokenizer, exported, tmp_path
     # a tied lm_head is left out (llama.cpp reuses token_embd); an untied one is written
     assert ("output.weight" in names) is not tied
     result = gguf_parity(ckpt, path, prompts=[PROMPT, PROMPT[:5]])
-    # exact f32 path (f32 KV cache, no flash attention): measured ~7e-7
+    # exact f32 path (f32 KV cache, no flash attention): float rounding only
     assert result["max_abs_diff_tokens"] <= 1e-4
     assert result["max_abs_diff_image"] <= 1e-4
-    # llama.cpp's defaults (f16 KV cache + flash attention) cost ~1e-3
+    # llama.cpp's defaults (f16 KV cache + flash attention) round the cache to f16
     assert result["max_abs_diff_runtime"] <= 1e-2
     assert result["max_abs_logit"] > 0.5  # logits are not all ~0, so the diffs mean something
     assert result["n_positions"] == len(PROMPT) + 5
@@ -99,7 +95,7 @@ def test_f16_file_keeps_norms_f32_and_is_close(exported):
     size16, size32 = exported["f16"].stat().st_size, exported["f32"].stat().st_size
     assert 0.45 < size16 / size32 < 0.6
     result = gguf_parity(exported["ckpt"], exported["f16"], prompts=[PROMPT])
-    assert 1e-5 < result["max_abs_diff_tokens"] <= 1e-2  # measured ~1.4e-3: f16 rounding shows
+    assert 1e-5 < result["max_abs_diff_tokens"] <= 1e-2  # f16 weights: rounding shows, but small
     assert result["max_abs_diff_image"] <= 1e-2
 
 
@@ -157,7 +153,7 @@ def test_metadata_and_tokenizer_round_trip(tokenizer, exported):
 
 @pytest.mark.parametrize(
     ("qtype", "tolerance", "main_type"),
-    [("q8_0", 0.1, "Q8_0"), ("q4_k_m", 0.6, "Q5_0")],  # measured 0.03 and 0.22
+    [("q8_0", 0.1, "Q8_0"), ("q4_k_m", 0.6, "Q5_0")],  # fewer bits, a wider tolerance
 )
 def test_quantized_files_load_and_stay_close(exported, qtype, tolerance, main_type):
     out = quantize_gguf(exported["f16"], exported["root"] / f"llm-{qtype}.gguf", qtype)

@@ -3,7 +3,6 @@ weights, greedy generation."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import shutil
@@ -19,12 +18,6 @@ from cxrlite.model.tokenizer import bind_tokenizer, train_tokenizer
 from cxrlite.model.vlm import CXRVLM
 from cxrlite.quantize.gptq import check_gptq_shapes, quantize_gptq
 from cxrlite.runtime.gptq import GPTQError, dequantize_gptq, gptq_format_check, load_gptq_llm
-
-# find_spec, not importorskip: importing gptqmodel costs seconds, so only the tests that need it
-# pay for it (inside quantize_gptq / load_gptq_llm).
-needs_gptqmodel = pytest.mark.skipif(
-    importlib.util.find_spec("gptqmodel") is None, reason="gptqmodel is not installed"
-)
 
 WORDS = "heart size normal enlarged pleural effusion left right lung clear Effusion? Left.".split()
 
@@ -50,7 +43,7 @@ def quantized(checkpoint, tmp_path_factory):
     *_, ckpt = checkpoint
     out = tmp_path_factory.mktemp("gptq-out") / "llm-gptq"
     with pytest.MonkeyPatch.context() as env:
-        # GPTQModel's Python packing: its C++ one is compiled on first use (~45 s on 2 cores)
+        # GPTQModel's Python packing: its C++ one is compiled on first use, which is slow
         env.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")
         return quantize_gptq(ckpt, out, texts(16, 1), bits=4, group_size=32)
 
@@ -82,7 +75,6 @@ def test_bad_requests_fail_before_quantizing(checkpoint, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign"]
 
 
-@needs_gptqmodel
 def test_standard_gptq_format(quantized):
     info = gptq_format_check(quantized)
     assert info == {
@@ -100,7 +92,6 @@ def test_standard_gptq_format(quantized):
     assert (quantized / "tokenizer_config.json").is_file()
 
 
-@needs_gptqmodel
 def test_format_check_rejects_gptq_v2(quantized, tmp_path):
     copy = tmp_path / "v2"
     shutil.copytree(quantized, copy)
@@ -111,7 +102,6 @@ def test_format_check_rejects_gptq_v2(quantized, tmp_path):
         gptq_format_check(copy)
 
 
-@needs_gptqmodel
 def test_cpu_inference_matches_dequantized_weights(checkpoint, quantized):
     model, tokenizer, cfg, _ = checkpoint
     reference = LlamaForCausalLM(hf_llama_config(cfg.llm))
@@ -126,9 +116,9 @@ def test_cpu_inference_matches_dequantized_weights(checkpoint, quantized):
         expected = reference(ids).logits
         original = model.llm(ids).logits
     assert torch.isfinite(got).all()
-    # same weights, fp16 activations: measured 5e-4
+    # same weights, fp16 activations: only activation rounding differs
     assert (got - expected).abs().max() < 3e-3
-    # 4-bit rounding itself is far larger (measured 0.026), so the match above is not trivial
+    # 4-bit rounding itself moves the logits far more, so the match above is not trivial
     assert (expected - original).abs().max() > 5e-3
     generated = llm.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
     assert generated.shape == (1, ids.shape[1] + 8)

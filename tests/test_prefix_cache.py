@@ -5,25 +5,22 @@ from __future__ import annotations
 
 import ctypes
 
+import llama_cpp
 import numpy as np
 import pytest
-from runtime_testkit import random_pixels, runtime_bundle
-
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-
-import llama_cpp  # noqa: E402
+from runtime_testkit import random_pixels
 
 from cxrlite.data.prompts import FINDINGS_PROMPT
-from cxrlite.runtime import Runtime, TorchLLMBackend  # noqa: E402
+from cxrlite.runtime import Runtime, TorchLLMBackend
 from cxrlite.runtime.llamacpp import LlamaCppError, SequenceStates
 
 QUESTION = "Is there a pleural effusion?"
-TOKENS = 12  # generated per request: enough for a varied text, a few ms on the tiny model
+TOKENS = 12  # generated per request: enough for a varied text, short enough to stay cheap
 
 
 @pytest.fixture(scope="module")
-def rt(tmp_path_factory):
-    _, _, bundle = runtime_bundle(tmp_path_factory)
+def rt(runtime_built):
+    _, _, bundle = runtime_built
     # The production settings (f16 KV cache, flash attention): the harder case for identical
     # outputs, since reused and recomputed KV rows come from batches of different sizes.
     runtime = Runtime.from_bundle(bundle, threads=1)
@@ -80,7 +77,7 @@ def test_outputs_equal_without_reuse_and_reused_counts(rt):
         assert got.usage == want.usage
 
 
-def test_switch_off_and_the_torch_backend_reuse_nothing(rt, tmp_path_factory):
+def test_switch_off_and_the_torch_backend_reuse_nothing(rt, runtime_built):
     pixels = random_pixels(23)
     rt.complete(FINDINGS_PROMPT, pixels, max_tokens=2)
     rt.prefix_cache = False
@@ -90,7 +87,7 @@ def test_switch_off_and_the_torch_backend_reuse_nothing(rt, tmp_path_factory):
         rt.prefix_cache = True
     assert again.timings["prompt_cached_tokens"] == 0
     assert rt.complete(FINDINGS_PROMPT, pixels, max_tokens=2).timings["prompt_cached_tokens"] > 0
-    model, _, bundle = runtime_bundle(tmp_path_factory)
+    model, _, bundle = runtime_built
     off = Runtime.from_bundle(bundle, threads=1, prefix_cache=False, warmup=False)
     try:
         cached = [

@@ -63,8 +63,8 @@ def reference(tmp_path_factory):
 
     model, _, bundle = runtime_bundle(tmp_path_factory)
     threads = torch.get_num_threads()
-    # threads=1 (process-wide for torch, restored below): on a busy 2-core machine two torch
-    # threads made this tiny model 20x slower (measured 1.5 s vs 0.08 s for 96 tokens).
+    # threads=1 (process-wide for torch, restored below): a model this small gains nothing from
+    # more threads, and on a busy machine their contention slows it down badly.
     runtime = Runtime.from_bundle(
         bundle, vision_backend="torch", llm_backend="torch", threads=1, warmup=False
     )

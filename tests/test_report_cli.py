@@ -8,11 +8,9 @@ import pytest
 from click.testing import CliRunner
 from runtime_testkit import runtime_bundle
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-
-from cxrlite.commands.report import expand_inputs, report  # noqa: E402
-from cxrlite.data.labels import CHEXPERT_OBSERVATIONS  # noqa: E402
-from cxrlite.fileio import read_jsonl  # noqa: E402
+from cxrlite.commands.report import expand_inputs, report
+from cxrlite.data.labels import CHEXPERT_OBSERVATIONS
+from cxrlite.fileio import read_jsonl
 from cxrlite.imaging.write import png_bytes
 from cxrlite.phantoms.generator import make_phantom_study
 

@@ -3,19 +3,16 @@ cache, streaming, stop strings, seeded sampling, report(), typed image errors, G
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import threading
-import time
 
 import numpy as np
 import pytest
 import torch
-from runtime_testkit import random_pixels, runtime_bundle
+from runtime_testkit import random_pixels
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-
-from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, LABEL_VALUES  # noqa: E402
+from cxrlite.bundle import Key, Variant
+from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, LABEL_VALUES
 from cxrlite.data.prompts import FINDINGS_PROMPT
 from cxrlite.eval.evaluation import option_logprobs
 from cxrlite.eval.labeler import label_report
@@ -23,7 +20,7 @@ from cxrlite.imaging.errors import DegenerateImageError, ImageError, NotAnImageE
 from cxrlite.imaging.write import png_bytes
 from cxrlite.model.tokenizer import encode_example
 from cxrlite.phantoms.generator import make_phantom_study
-from cxrlite.runtime import (  # noqa: E402
+from cxrlite.runtime import (
     BackendError,
     EmbeddingCache,
     Hardware,
@@ -34,29 +31,24 @@ from cxrlite.runtime import (  # noqa: E402
     plan_llm,
     plan_vision,
 )
-from cxrlite.runtime.vision import OnnxVision, TorchVision  # noqa: E402
+from cxrlite.runtime.vision import OnnxVision, TorchVision
 
 STRICT = {"kv_type": "f32", "flash_attn": False}  # llama.cpp's exact f32 path (see gguf_parity)
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return runtime_bundle(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def rt(built):
-    _, _, bundle = built
+def rt(runtime_built):
+    _, _, bundle = runtime_built
     # One thread: a tiny model gains nothing from more, and llama.cpp's spinning thread barriers
-    # slow down by seconds when another process takes a core (seen on this 2-core machine).
+    # stall whenever another process takes one of the cores they spin on.
     runtime = Runtime.from_bundle(bundle, threads=1, **STRICT)
     yield runtime
     runtime.close()
 
 
 @pytest.fixture(scope="module")
-def reference_rt(built):
-    _, _, bundle = built
+def reference_rt(runtime_built):
+    _, _, bundle = runtime_built
     threads = torch.get_num_threads()  # threads=1 sets torch's process-wide count: restored below
     runtime = Runtime.from_bundle(
         bundle, vision_backend="torch", llm_backend="torch", threads=1, warmup=False
@@ -79,13 +71,19 @@ class CountingVision:
 
 # --- backend choice (pure rules) -------------------------------------------------------------
 
-VISION = {
+L4 = {"tensorrt_version": "10.3", "compute_capability": [8, 9], "gpu_name": "L4"}
+
+
+def _variants(section: str, entries: dict[str, dict]) -> dict[str, Variant]:
+    return {name: Variant(section, name, entry) for name, entry in entries.items()}
+
+
+VISION = _variants(Key.VISION, {
     "onnx-fp32": {"kind": "onnx"},
     "onnx-fp16": {"kind": "onnx"},
-    "tensorrt-fp16": {"kind": "tensorrt", "engine": {"tensorrt_version": "10.3", "compute_capability": [8, 9], "gpu_name": "L4"}},
-}  # fmt: skip
-LLM = {"gguf-q4_k_m": {"kind": "gguf"}, "gptq-4bit": {"kind": "gptq"}}
-L4 = {"tensorrt_version": "10.3", "compute_capability": [8, 9], "gpu_name": "L4"}
+    "tensorrt-fp16": {"kind": "tensorrt", "engine": L4},
+})  # fmt: skip
+LLM = _variants(Key.LLM, {"gguf-q4_k_m": {"kind": "gguf"}, "gptq-4bit": {"kind": "gptq"}})
 
 
 def test_vision_choice_follows_hardware():
@@ -123,8 +121,8 @@ def test_llm_choice_follows_hardware():
         plan_llm(LLM, "gguf-q4_k_m", Hardware())
 
 
-def test_reference_refuses_another_checkpoint(built, tmp_path):
-    _, ckpt, bundle = built
+def test_reference_refuses_another_checkpoint(runtime_built, tmp_path):
+    _, ckpt, bundle = runtime_built
     other = shutil.copytree(ckpt, tmp_path / "other")
     weights = other / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -148,8 +146,8 @@ def torch_greedy(model, tokenizer, pixels, max_new_tokens):
     return out[0].tolist()
 
 
-def test_greedy_ids_equal_pytorch(built, rt, reference_rt):
-    model, _, _ = built
+def test_greedy_ids_equal_pytorch(runtime_built, rt, reference_rt):
+    model, _, _ = runtime_built
     assert rt.variants == {"vision": "onnx-fp32", "llm": "gguf-f32"}
     for seed in (0, 1):
         pixels = random_pixels(seed)
@@ -160,8 +158,8 @@ def test_greedy_ids_equal_pytorch(built, rt, reference_rt):
         assert reference_rt.complete(FINDINGS_PROMPT, pixels, max_tokens=32).tokens == want
 
 
-def test_onnx_and_torch_vision_agree(built, rt):
-    model, _, bundle = built
+def test_onnx_and_torch_vision_agree(runtime_built, rt):
+    model, _, bundle = runtime_built
     batch = np.stack([random_pixels(s) for s in range(3)])
     want = TorchVision(model).encode(batch)
     assert want.shape == (3, 16, 64)
@@ -170,8 +168,8 @@ def test_onnx_and_torch_vision_agree(built, rt):
     assert np.abs(fp16.encode(batch) - want).max() / np.abs(want).max() < 1e-2
 
 
-def test_option_scores_and_perplexity_match_pytorch(built, rt, reference_rt):
-    model, _, _ = built
+def test_option_scores_and_perplexity_match_pytorch(runtime_built, rt, reference_rt):
+    model, _, _ = runtime_built
     from cxrlite.data.records import TaskRecord
 
     record = TaskRecord("r", "binary_disease_classification", ["x"], "Does this chest X-ray show edema?",
@@ -196,15 +194,11 @@ def test_cache_skips_the_vision_tower(rt):
     rt.vision = counting
     try:
         pixels = random_pixels(10)
-        t0 = time.perf_counter()
         first = rt.image_embeddings(pixels)
-        t1 = time.perf_counter()
         second = rt.image_embeddings(pixels.copy())  # same content, another array
-        t2 = time.perf_counter()
         assert (first.cache_hit, second.cache_hit, counting.calls) == (False, True, 1)
         assert np.array_equal(first.embeds, second.embeds) and not second.embeds.flags.writeable
         assert second.vision_ms == 0.0 and first.vision_ms > 0.0
-        print(f"image embeddings: miss {1e3 * (t1 - t0):.2f} ms, hit {1e3 * (t2 - t1):.2f} ms")
         completion = rt.complete(FINDINGS_PROMPT, pixels, max_tokens=2)
         assert completion.cache_hit is True and counting.calls == 1
         rt.image_embeddings(random_pixels(11))
@@ -255,7 +249,9 @@ def test_cache_is_bounded_lru():
     for key in "abc":
         small.put(key, a)
     assert len(small) == 2 and small.stats()["bytes"] == 2 * a.nbytes
-    assert EmbeddingCache(max_entries=0).put("a", a) is not None and len(EmbeddingCache(0)) == 0
+    disabled = EmbeddingCache(max_entries=0)
+    assert disabled.put("a", a) is not None  # the caller still gets its embeddings back...
+    assert len(disabled) == 0 and "a" not in disabled and disabled.get("a") is None  # ...unkept
 
 
 def test_streaming_yields_tokens_as_they_come_and_stops_early(rt):
@@ -392,16 +388,14 @@ def test_bad_images_raise_typed_errors(rt, tmp_path):
 # --- GPTQ --------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("gptqmodel") is None, reason="gptqmodel is not installed"
-)
-def test_gptq_backend_generates_and_scores(built, tmp_path, monkeypatch):
+def test_gptq_backend_generates_and_scores(runtime_built, tmp_path, monkeypatch):
     from cxrlite.export.bundle import update_bundle
     from cxrlite.quantize.gptq import quantize_gptq
 
-    _, ckpt, bundle = built
+    _, ckpt, bundle = runtime_built
     copy = shutil.copytree(bundle, tmp_path / "bundle")
-    monkeypatch.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")  # its C++ packer compiles for ~45 s
+    # GPTQModel's C++ packer is compiled on first use; its Python packer needs no build.
+    monkeypatch.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")
     texts = ["heart size normal no pleural effusion lung clear no pneumothorax " * 3] * 8
 
     def add(staging):

@@ -1,8 +1,8 @@
 """The page at / in headless Chromium: pick a radiograph, watch the report stream in (token by
 token: the LLM is held after the first one), then the labels from /v1/reports.
 
-Needs Debian's chromium (`apt-get install -y chromium`) and playwright-python (`pip install
-playwright`, driving the system browser; `playwright install` is never needed)."""
+Needs Debian's chromium (`apt-get install -y chromium`; skipped without it) and playwright-python
+(in the dev extra), which drives the system browser: `playwright install` is never needed."""
 
 from __future__ import annotations
 
@@ -11,16 +11,11 @@ import re
 import shutil
 
 import pytest
+from playwright.sync_api import expect, sync_playwright
+from server_testkit import gated, live_server, phantom_png, shared_runtime
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-pytest.importorskip("fastapi", reason="fastapi is not installed")
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-expect = sync_api.expect
-
-from server_testkit import gated, live_server, phantom_png, shared_runtime  # noqa: E402
-
-from cxrlite.imaging.decode import load_image  # noqa: E402
-from cxrlite.server import ServerSettings, create_app  # noqa: E402
+from cxrlite.imaging.decode import load_image
+from cxrlite.server import ServerSettings, create_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PROMPT = "Describe the findings in this chest X-ray."  # the page's default question
@@ -47,7 +42,7 @@ def test_page_streams_the_report_and_shows_labels(tmp_path_factory, tmp_path):
     with (
         gated(runtime, free_steps=shown) as gate,
         live_server(app) as url,
-        sync_api.sync_playwright() as playwright,
+        sync_playwright() as playwright,
     ):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:

@@ -1,6 +1,6 @@
 """Hostile input never crashes the server nor leaks a traceback: a corpus of bad requests
 (each with its status and error code), the size caps, the image-URL policy, and fuzzing with
-hypothesis-generated bodies (and schemathesis over the OpenAPI schema when installed)."""
+hypothesis-generated bodies, and schemathesis over the OpenAPI schema."""
 
 from __future__ import annotations
 
@@ -13,17 +13,13 @@ import threading
 import zlib
 
 import pytest
+import schemathesis
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from server_testkit import chat_body, data_url, phantom_dicom, phantom_png, shared_runtime
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-pytest.importorskip("fastapi", reason="fastapi is not installed")
-pytest.importorskip("httpx", reason="httpx is not installed")
-
-from fastapi.testclient import TestClient  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from server_testkit import chat_body, data_url, phantom_dicom, phantom_png, shared_runtime  # noqa: E402
-
-from cxrlite.server import ServerSettings, create_app  # noqa: E402
+from cxrlite.server import ServerSettings, create_app
 
 PNG = phantom_png(11)
 DICOM = phantom_dicom(12)
@@ -330,8 +326,6 @@ def test_schemathesis_finds_no_server_errors(tmp_path_factory):
     """Every operation of the OpenAPI schema, with schemathesis-generated requests. Driven through
     hypothesis directly rather than schemathesis's pytest plugin, which breaks on new pytest
     releases (pytest 9.2 with schemathesis 4.32)."""
-    import schemathesis
-
     # An app of its own: schemathesis runs (and ends) the app's lifespan itself.
     app = create_app(shared_runtime(tmp_path_factory), ServerSettings(max_tokens_cap=2))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)

@@ -7,7 +7,6 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from export_testkit import make_checkpoint
 
 from cxrlite.export.onnx import convert_onnx_fp16, export_vision_onnx, phantom_pixels
 from cxrlite.export.tensorrt import build_engine, optimization_profile
@@ -81,10 +80,10 @@ def test_missing_tensorrt_or_gpu_is_a_clear_error():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAVE_TRT and HAVE_CUDA), reason="needs tensorrt and a CUDA GPU")
-def test_engine_build_and_run(tmp_path):
+def test_engine_build_and_run(tiny_checkpoint, tmp_path):
     from cxrlite.runtime.tensorrt_runner import TensorRTVisionRunner
 
-    model, ckpt = make_checkpoint(tmp_path)
+    model, ckpt = tiny_checkpoint("mlp")
     fp32 = export_vision_onnx(ckpt, tmp_path / "vision.onnx")
     fp16 = convert_onnx_fp16(fp32, tmp_path / "vision-fp16.onnx")
     cache = tmp_path / "timing.cache"
@@ -101,11 +100,11 @@ def test_engine_build_and_run(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAVE_TRT and HAVE_CUDA), reason="needs tensorrt and a CUDA GPU")
-def test_engine_added_to_a_bundle_on_the_serving_machine(tmp_path):
+def test_engine_added_to_a_bundle_on_the_serving_machine(tiny_checkpoint, tmp_path):
     from cxrlite.bundle import load_bundle
     from cxrlite.export.bundle import add_tensorrt_engine, export_bundle
 
-    _, ckpt = make_checkpoint(tmp_path, "qformer")
+    _, ckpt = tiny_checkpoint("qformer")
     export_bundle(ckpt, tmp_path / "bundle")
     bundle = add_tensorrt_engine(tmp_path / "bundle", max_batch=4)
     entry = bundle.vision_variants["tensorrt-fp16"]

@@ -2,12 +2,13 @@
 hidden states at the image positions, trained beside the answer loss and dropped afterwards.
 
 Why: from scratch, the ViT's patch features already separate the findings (a linear probe on the
-flattened patches of the `small` model reaches macro-F1 0.9 on held-out phantoms), yet greedy
-findings text under-calls them (pleural effusion recall 0.27): a finding's few answer tokens are a
-weak signal next to a report's boilerplate, and an unsure model's mass is split over many phrasings
-of the positive while one negative phrasing takes the greedy pick. Asking the LLM's middle layer
-to state every finding at the image positions, which all later text tokens attend to, gives the
-LLM a dense label signal (the stage-1 objective's report-label term, one level up).
+flattened patches of the `small` model does well on held-out phantoms), yet greedy findings
+text under-calls them, pleural effusion most (docs/training-experiments.md): a finding's few
+answer tokens are a weak signal next to a report's boilerplate, and an unsure model's mass is
+split over many phrasings of the positive while one negative phrasing takes the greedy pick.
+Asking the LLM's middle layer to state every finding at the image positions, which all later
+text tokens attend to, gives the LLM a dense label signal (the stage-1 objective's report-label
+term, one level up).
 """
 
 from __future__ import annotations

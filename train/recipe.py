@@ -72,15 +72,12 @@ class StageDef:
         return f"stage{self.index}-{self.name}"
 
 
-# Three departures from CheXagent's table, measured on held-out phantoms (`small`, 6,000 phantoms,
-# half schedule): the report-label term weighs 5x in stage 1 (linear-probe macro-F1 of the ViT
-# 0.74 -> 0.80 at half the steps; 15x is no better); stage 3 also fine-tunes the ViT at a fifth
-# of the LLM's rate (findings F1 0.08 -> 0.54; 3e-4 gave 0.43); and stage 3 adds the report-label
-# term on the LLM's image positions (train/label_aux.py; stages 2-3 at half schedule after a full
-# stage 1: findings F1 0.68 -> 0.73, binary disease 0.77 -> 0.86, view 0.69 -> 0.84; weight 3 gave
-# 0.70; more findings examples or a 2x LLM rate instead: 0.68 / 0.67). CheXagent starts from a ViT
-# pretrained on a million images and can keep it frozen; a ViT trained from scratch on a few
-# thousand gets its sharpest label signal from the instruction answers.
+# Three departures from CheXagent's table, each measured on held-out phantoms
+# (docs/training-experiments.md): the report-label term weighs 5x in stage 1; stage 3 also
+# fine-tunes the ViT at a fifth of the LLM's rate; and stage 3 adds the report-label term on the
+# LLM's image positions (train/label_aux.py). CheXagent starts from a ViT pretrained on a million
+# images and can keep it frozen; a ViT trained from scratch on a few thousand gets its sharpest
+# label signal from the instruction answers.
 # fmt: off
 CHEXAGENT = (
     StageDef(0, "clinical-llm", "text_lm", {"vision": 0.0, "bridger": 0.0, "llm": 2e-3},

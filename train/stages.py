@@ -138,6 +138,7 @@ def _report_label_f1(module: torch.nn.Module, dataset, pad_id: int, device: torc
     """Stage 1's visual learning signal: macro-F1 over the core findings of the report-label head
     on held-out images (what the vision encoder can already tell apart)."""
     from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, CORE_FINDINGS
+    from cxrlite.eval.metrics import f1_from_matrices
     from cxrlite.train.text_side import report_label_logits
 
     training = module.training
@@ -150,14 +151,9 @@ def _report_label_f1(module: torch.nn.Module, dataset, pad_id: int, device: torc
         preds.append(report_label_logits(module.text.label_head, patches).cpu() > 0)
         targets.append(b["report_labels"] > 0.5)
     module.train(training)
-    pred, target = torch.cat(preds), torch.cat(targets)
-    f1s = []
-    for obs in CORE_FINDINGS:
-        j = CHEXPERT_OBSERVATIONS.index(obs)
-        tp = float((pred[:, j] & target[:, j]).sum())
-        denom = float(pred[:, j].sum() + target[:, j].sum())
-        f1s.append(2 * tp / denom if denom else 0.0)
-    return sum(f1s) / len(f1s)
+    columns = [CHEXPERT_OBSERVATIONS.index(obs) for obs in CORE_FINDINGS]
+    pred, target = torch.cat(preds)[:, columns], torch.cat(targets)[:, columns]
+    return f1_from_matrices(pred.numpy(), target.numpy())["macro_f1"]
 
 
 def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict[str, Any]:

@@ -155,19 +155,9 @@ def label(source: Path, out: Path) -> None:
     SOURCE is a .txt file (one report per line) or JSONL with `id` and `text`. Writes one
     {"id": ..., "labels": {...}} per report.
     """
-    from cxrlite.eval.labeler import label_report
-    from cxrlite.fileio import read_jsonl, write_jsonl
+    from cxrlite.eval.label_files import label_file
 
-    if source.suffix.lower() in (".jsonl", ".json"):
-        rows = read_jsonl(source)
-        for i, row in enumerate(rows, 1):
-            if "id" not in row or not isinstance(row.get("text"), str):
-                raise ValueError(f"{source}: record {i} needs an `id` and a string `text`")
-        items = [(row["id"], row["text"]) for row in rows]
-    else:
-        lines = source.read_text(encoding="utf-8").splitlines()
-        items = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
-    n = write_jsonl(out, ({"id": id_, "labels": label_report(text)} for id_, text in items))
+    n = label_file(source, out)
     click.echo(f"labeled {n} reports -> {out}")
 
 

@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
+# Re-exported: tests/runtime_testkit.py builds its bundle with it from here.
+from cxrlite.export.gguf_builder import gguf_builder
 
-def gguf_builder(ckpt_dir: Path, dtype: str, check_parity: bool = True):
-    """Bundle builder: the LLM as llm/llm-<dtype>.gguf, with llama.cpp-vs-transformers parity."""
-
-    def build(staging: Path) -> dict[str, Any]:
-        from cxrlite.export.gguf import gguf_parity, write_gguf
-
-        rel = f"llm/llm-{dtype}.gguf"
-        path = write_gguf(ckpt_dir, staging / rel, dtype=dtype)
-        parity = gguf_parity(ckpt_dir, path) if check_parity else None
-        name = f"gguf-{dtype}"
-        return {
-            "llm": {name: {"file": rel, "kind": "gguf", "dtype": dtype, "parity": parity}},
-            "default": {"llm": name},
-        }
-
-    return build
+__all__ = ["export", "gguf_builder"]
 
 
 @click.command()

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from cxrlite.commands import runtime_options
+from cxrlite.commands import RuntimeOptions, with_runtime_options
 from cxrlite.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,30 @@ def _text_report(file: Path, result: dict[str, Any]) -> str:
     )
 
 
+def _reports(
+    runtime: Any, files: list[Path], max_tokens: int, as_json: bool, failed: list[Path]
+) -> Iterator[dict[str, Any]]:
+    """Each readable file's report, echoed as it comes (JSON or text); an unreadable one is
+    reported on stderr and appended to `failed`."""
+    from cxrlite.imaging.errors import ImageError
+
+    enabled = None if len(files) > 1 else False
+    with progress_bar("report", total=len(files), enabled=enabled) as advance:
+        for file in files:
+            try:
+                result = {"file": str(file), **runtime.report(file, max_tokens=max_tokens)}
+            except ImageError as e:
+                failed.append(file)
+                click.echo(f"error: {file}: [{e.code}] {e.problem}", err=True)
+                advance(failed=len(failed))
+                continue
+            click.echo(
+                json.dumps(result, ensure_ascii=False) if as_json else _text_report(file, result)
+            )
+            advance(failed=len(failed))
+            yield result
+
+
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(
@@ -80,7 +104,7 @@ def _text_report(file: Path, result: dict[str, Any]) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the results as JSONL (written atomically at the end).",
 )
-@runtime_options
+@with_runtime_options
 @click.option(
     "--max-tokens",
     type=click.IntRange(1, 4096),
@@ -90,61 +114,27 @@ def _text_report(file: Path, result: dict[str, Any]) -> str:
 )
 @click.pass_context
 def report(ctx: click.Context, images: tuple[Path, ...], bundle_dir: Path, as_json: bool,
-           out: Path | None, vision_backend: str, vision_variant: str | None, llm_backend: str,
-           llm_variant: str | None, n_gpu_layers: int | None, threads: int | None,
-           max_tokens: int, checkpoint: Path | None) -> None:  # fmt: skip
+           out: Path | None, runtime_options: RuntimeOptions, max_tokens: int) -> None:  # fmt: skip
     """Write a draft report (findings, impression, CheXpert labels) for each IMAGE: DICOM, PNG
     or JPEG files, or folders of them. Unreadable images are reported on stderr and skipped;
     the exit code is 1 if any failed."""
     from cxrlite.fileio import write_jsonl
-    from cxrlite.runtime import Runtime
 
     files, skipped = expand_inputs(images)
     if skipped:
         click.echo(f"passed over {skipped} non-image file(s)", err=True)
     if not files:
         raise click.ClickException("no images found")
-    runtime = Runtime.from_bundle(
-        bundle_dir,
-        vision_backend=vision_backend,
-        vision_variant=vision_variant,
-        llm_backend=llm_backend,
-        llm_variant=llm_variant,
-        n_gpu_layers=n_gpu_layers,
-        threads=threads,
-        checkpoint=checkpoint,
-        warmup=len(files) > 1,  # one image: a warm-up would only add to its wait
-    )
+    # One image: a warm-up would only add to its wait.
+    runtime = runtime_options.open(bundle_dir, warmup=len(files) > 1)
     failed: list[Path] = []
     started = time.perf_counter()
-
-    def results() -> Iterator[dict[str, Any]]:
-        from cxrlite.imaging.errors import ImageError
-
-        with progress_bar(
-            "report", total=len(files), enabled=None if len(files) > 1 else False
-        ) as advance:
-            for file in files:
-                try:
-                    result = {"file": str(file), **runtime.report(file, max_tokens=max_tokens)}
-                except ImageError as e:
-                    failed.append(file)
-                    click.echo(f"error: {file}: [{e.code}] {e.problem}", err=True)
-                    advance(failed=len(failed))
-                    continue
-                click.echo(
-                    json.dumps(result, ensure_ascii=False)
-                    if as_json
-                    else _text_report(file, result)
-                )
-                advance(failed=len(failed))
-                yield result
-
+    results = _reports(runtime, files, max_tokens, as_json, failed)
     try:
         if out is not None:
-            write_jsonl(out, results())
+            write_jsonl(out, results)
         else:
-            for _ in results():
+            for _ in results:
                 pass
     finally:
         runtime.close()

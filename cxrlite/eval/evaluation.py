@@ -17,7 +17,8 @@ import torch
 from cxrlite.data.labels import CORE_FINDINGS
 from cxrlite.data.prompts import FINDINGS_PROMPT
 from cxrlite.data.records import Study, TaskRecord
-from cxrlite.eval.labeler import findings_f1, label_report
+from cxrlite.eval.labeler import label_report
+from cxrlite.eval.metrics import findings_f1
 from cxrlite.model.tokenizer import encode_example
 
 logger = logging.getLogger(__name__)

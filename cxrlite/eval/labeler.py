@@ -34,22 +34,18 @@ Conventions (where the CheXpert labeler is silent or where we depart from it, on
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-
-import numpy as np
 
 from cxrlite.data.labels import (
     CHEXPERT_OBSERVATIONS,
-    CORE_FINDINGS,
-    LABEL_VALUES,
     NEGATIVE,
     NOT_MENTIONED,
     POSITIVE,
     UNCERTAIN,
 )
 
-__all__ = ["label_report", "label_reports", "findings_f1"]
+__all__ = ["label_report", "label_reports"]
 
 _OTHER = "_other"  # an abnormality outside the 14 observations: only blocks No Finding
 _RANK = {NEGATIVE: 0, UNCERTAIN: 1, POSITIVE: 2}
@@ -497,81 +493,3 @@ def _stronger(old: str | None, new: str) -> str:
 
 def label_reports(texts: Iterable[str]) -> list[dict[str, str]]:
     return [label_report(text) for text in texts]
-
-
-# ---- scoring -------------------------------------------------------------------------------
-
-
-def _positive_matrix(
-    rows: Sequence[dict[str, str]], observations: Sequence[str], uncertain_as: str, what: str
-) -> np.ndarray:
-    out = np.zeros((len(rows), len(observations)), dtype=bool)
-    for i, row in enumerate(rows):
-        for j, name in enumerate(observations):
-            value = row.get(name, NOT_MENTIONED)
-            if value not in LABEL_VALUES:
-                raise ValueError(
-                    f"{what}[{i}]: {name} has value {value!r}, not one of {LABEL_VALUES}"
-                )
-            out[i, j] = value == POSITIVE or (value == UNCERTAIN and uncertain_as == POSITIVE)
-    return out
-
-
-def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
-    # sklearn's zero_division=0: an empty denominator scores 0.
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-    return precision, recall, f1
-
-
-def findings_f1(
-    pred: Sequence[dict[str, str]],
-    truth: Sequence[dict[str, str]],
-    observations: Sequence[str] = CORE_FINDINGS,
-    uncertain_as: str = NEGATIVE,
-) -> dict:
-    """Precision, recall and F1 per observation, micro- and macro-averaged.
-
-    The positive class is "positive"; "negative" and "not mentioned" (or a missing key) count
-    as not positive. `uncertain_as` says where "uncertain" goes: NEGATIVE (default, the
-    CheXbert-style "positive vs. everything else" used by report-generation papers) or
-    POSITIVE (the U-Ones reading). It applies to predictions and truth alike. Micro-F1 pools
-    the counts of all observations; macro-F1 is the mean of the per-observation F1. An
-    observation with no positive in truth or prediction scores F1 0 (sklearn's zero_division=0).
-    """
-    if len(pred) != len(truth):
-        raise ValueError(f"findings_f1: {len(pred)} predictions but {len(truth)} truths")
-    if uncertain_as not in (NEGATIVE, POSITIVE):
-        raise ValueError(f"uncertain_as must be {NEGATIVE!r} or {POSITIVE!r}, got {uncertain_as!r}")
-    unknown = set(observations) - set(CHEXPERT_OBSERVATIONS)
-    if unknown:
-        raise ValueError(f"findings_f1: unknown observations {sorted(unknown)}")
-    p = _positive_matrix(pred, observations, uncertain_as, "pred")
-    t = _positive_matrix(truth, observations, uncertain_as, "truth")
-    tp = (p & t).sum(axis=0)
-    fp = (p & ~t).sum(axis=0)
-    fn = (~p & t).sum(axis=0)
-    per = {}
-    for j, name in enumerate(observations):
-        precision, recall, f1 = _prf(int(tp[j]), int(fp[j]), int(fn[j]))
-        per[name] = {
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
-            "tp": int(tp[j]),
-            "fp": int(fp[j]),
-            "fn": int(fn[j]),
-            "support": int(t[:, j].sum()),
-        }
-    micro_p, micro_r, micro_f1 = _prf(int(tp.sum()), int(fp.sum()), int(fn.sum()))
-    macro = float(np.mean([v["f1"] for v in per.values()])) if per else 0.0
-    return {
-        "per_observation": per,
-        "micro_precision": micro_p,
-        "micro_recall": micro_r,
-        "micro_f1": micro_f1,
-        "macro_f1": macro,
-        "n": len(pred),
-        "uncertain_as": uncertain_as,
-    }

@@ -1,9 +1,10 @@
 """Evaluation metrics with bootstrap confidence intervals: labeler F1, ROUGE-L, BLEU, fairness.
 
-- Findings F1 (CheXbert style): "positive" vs everything else per observation, micro (pooled
-  counts) and macro (mean of per-observation F1, 0 where an observation has no positive in
-  truth or prediction), exactly as `cxrlite.eval.labeler.findings_f1` defines them, but computed
-  from boolean matrices so a bootstrap can recompute it a thousand times cheaply.
+- Findings F1 (CheXbert style) of labeled reports: "positive" vs everything else per
+  observation, micro (pooled counts) and macro (mean of per-observation F1, 0 where an
+  observation has no positive in truth or prediction). The one definition: `findings_f1` (with
+  per-observation precision and recall) and the bootstrap both compute it from boolean
+  matrices (`positive_matrix`, `f1_from_matrices`), so resampling rows is cheap.
 - ROUGE-L: the `rouge-score` package (Google's reference implementation), F-measure per pair,
   averaged.
 - BLEU: `sacrebleu` corpus BLEU (13a tokenizer, exp smoothing). For the bootstrap, each
@@ -25,7 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, CORE_FINDINGS, POSITIVE, age_band
+from cxrlite.data.labels import (
+    CHEXPERT_OBSERVATIONS,
+    CORE_FINDINGS,
+    LABEL_VALUES,
+    NEGATIVE,
+    NOT_MENTIONED,
+    POSITIVE,
+    UNCERTAIN,
+    age_band,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,30 +90,97 @@ def mean_ci(values: Sequence[float], **kwargs: Any) -> dict[str, float]:
 # --- findings F1 -------------------------------------------------------------------------------
 
 
-def positive_matrix(labels: Sequence[dict[str, str]], observations: Sequence[str]) -> np.ndarray:
-    """bool [n, k]: observation j is "positive" in labels i (uncertain counts as not positive,
-    as `findings_f1`'s default)."""
+def positive_matrix(
+    labels: Sequence[dict[str, str]],
+    observations: Sequence[str],
+    uncertain_as: str = NEGATIVE,
+    what: str = "labels",
+) -> np.ndarray:
+    """bool [n, k]: observation j counts as positive in labels i. "positive" does; "negative",
+    "not mentioned" and a missing key do not; "uncertain" goes where `uncertain_as` says
+    (NEGATIVE or POSITIVE). A value outside LABEL_VALUES raises, naming `what`[i]."""
     unknown = set(observations) - set(CHEXPERT_OBSERVATIONS)
     if unknown:
         raise ValueError(f"unknown observations {sorted(unknown)}")
-    return np.array(
-        [[row.get(name) == POSITIVE for name in observations] for row in labels], dtype=bool
-    ).reshape(len(labels), len(observations))
+    if uncertain_as not in (NEGATIVE, POSITIVE):
+        raise ValueError(f"uncertain_as must be {NEGATIVE!r} or {POSITIVE!r}, got {uncertain_as!r}")
+    counted = (POSITIVE, UNCERTAIN) if uncertain_as == POSITIVE else (POSITIVE,)
+    out = np.zeros((len(labels), len(observations)), dtype=bool)
+    for i, row in enumerate(labels):
+        for j, name in enumerate(observations):
+            value = row.get(name, NOT_MENTIONED)
+            if value not in LABEL_VALUES:
+                raise ValueError(
+                    f"{what}[{i}]: {name} has value {value!r}, not one of {LABEL_VALUES}"
+                )
+            out[i, j] = value in counted
+    return out
 
 
 def _safe_f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    # sklearn's zero_division=0: an empty denominator scores 0.
     denominator = 2 * tp + fp + fn
     return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
 
 
+def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    return np.where(denominator > 0, numerator / np.maximum(denominator, 1), 0.0)
+
+
+def _counts(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-column true positives, false positives and false negatives of bool [n, k] matrices."""
+    return (pred & truth).sum(axis=0), (pred & ~truth).sum(axis=0), (~pred & truth).sum(axis=0)
+
+
 def f1_from_matrices(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Micro and macro F1 of boolean [n, k] prediction and truth matrices."""
-    tp = (pred & truth).sum(axis=0)
-    fp = (pred & ~truth).sum(axis=0)
-    fn = (~pred & truth).sum(axis=0)
+    """Micro and macro F1 of boolean [n, k] prediction and truth matrices: micro pools the counts
+    of every column, macro is the mean of the per-column F1 (0 for a column with no positive in
+    truth or prediction)."""
+    tp, fp, fn = _counts(pred, truth)
     micro = _safe_f1(np.array(tp.sum()), np.array(fp.sum()), np.array(fn.sum()))
     per = _safe_f1(tp, fp, fn)
     return {"micro_f1": float(micro), "macro_f1": float(per.mean()) if per.size else 0.0}
+
+
+def findings_f1(
+    pred: Sequence[dict[str, str]],
+    truth: Sequence[dict[str, str]],
+    observations: Sequence[str] = CORE_FINDINGS,
+    uncertain_as: str = NEGATIVE,
+) -> dict[str, Any]:
+    """Precision, recall and F1 per observation of labeled reports, micro- and macro-averaged.
+
+    The positive class is "positive"; `uncertain_as` says where "uncertain" goes: NEGATIVE
+    (default, the CheXbert-style "positive vs. everything else" of report-generation papers) or
+    POSITIVE (the U-Ones reading), for predictions and truth alike. Micro and macro F1 are
+    `f1_from_matrices`'s; precision and recall score 0 on an empty denominator."""
+    if len(pred) != len(truth):
+        raise ValueError(f"findings_f1: {len(pred)} predictions but {len(truth)} truths")
+    p = positive_matrix(pred, observations, uncertain_as, "pred")
+    t = positive_matrix(truth, observations, uncertain_as, "truth")
+    tp, fp, fn = _counts(p, t)
+    precision, recall, f1 = _safe_ratio(tp, tp + fp), _safe_ratio(tp, tp + fn), _safe_f1(tp, fp, fn)
+    per = {
+        name: {
+            "precision": float(precision[j]),
+            "recall": float(recall[j]),
+            "f1": float(f1[j]),
+            "tp": int(tp[j]),
+            "fp": int(fp[j]),
+            "fn": int(fn[j]),
+            "support": int(t[:, j].sum()),
+        }
+        for j, name in enumerate(observations)
+    }
+    total_tp, total_fp, total_fn = int(tp.sum()), int(fp.sum()), int(fn.sum())
+    return {
+        "per_observation": per,
+        "micro_precision": total_tp / (total_tp + total_fp) if total_tp + total_fp else 0.0,
+        "micro_recall": total_tp / (total_tp + total_fn) if total_tp + total_fn else 0.0,
+        **f1_from_matrices(p, t),
+        "n": len(pred),
+        "uncertain_as": uncertain_as,
+    }
 
 
 def f1_cis(

@@ -26,7 +26,8 @@ from typing import Any
 
 from cxrlite.data.labels import CORE_FINDINGS
 from cxrlite.data.records import Study, TaskRecord
-from cxrlite.eval.labeler import findings_f1, label_report
+from cxrlite.eval.labeler import label_report
+from cxrlite.eval.metrics import findings_f1
 
 logger = logging.getLogger(__name__)
 

@@ -128,7 +128,7 @@ def load(
 
     cfg = load_config(ckpt_dir)
     state = load_weights(ckpt_dir)
-    # Every parameter is overwritten below; random init would cost ~40 s on a 1B model.
+    # Every parameter is overwritten below; random init is slow at real sizes, so skip it.
     with _no_init_weights():
         model = CXRVLM(cfg, load_pretrained=False)
     if cfg.llm.tie_word_embeddings:

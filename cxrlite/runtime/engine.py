@@ -31,11 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from cxrlite.bundle import Key, Kind, load_bundle
+from cxrlite.device import resolve_device
 from cxrlite.imaging.decode import DecodedImage, load_image
 from cxrlite.imaging.errors import ImageError
 from cxrlite.imaging.preprocess import preprocess
 from cxrlite.runtime.cache import DEFAULT_MAX_BYTES, EmbeddingCache, bytes_key, pixels_key
-from cxrlite.runtime.generation import Completion, Generation
+from cxrlite.runtime.generation import Completion, Generation, ms
 from cxrlite.runtime.llm import LLMBackend, open_llm
 from cxrlite.runtime.plan import (
     BackendError,
@@ -65,10 +67,6 @@ class ImageEmbeddings:
 
 
 Image = str | os.PathLike | bytes | DecodedImage | np.ndarray | ImageEmbeddings
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 3)
 
 
 class Runtime:
@@ -121,37 +119,42 @@ class Runtime:
         flash_attn: bool | None = None,
         verify: bool | str = True,
         prefix_cache: bool = True,
+        device: str | None = None,
     ) -> Runtime:
         """Open a bundle with backends chosen from its defaults and this machine (see
         cxrlite.runtime.plan), each overridable. `n_gpu_layers` None offloads every layer when
         llama.cpp can and a GPU is present. `checkpoint` replaces the manifest's source path for
         the torch reference. `kv_type="f32", flash_attn=False` is llama.cpp's exact f32 path.
         `prefix_cache` keeps the KV cache of a prompt prefix shared with the previous generation
-        (llama.cpp backends; outputs are the same either way, only prefill gets shorter)."""
-        from cxrlite.bundle import load_bundle
+        (llama.cpp backends; outputs are the same either way, only prefill gets shorter).
+        `device` is where the PyTorch backends (torch reference, GPTQ) run: None picks CUDA when
+        present (cxrlite.device.resolve_device)."""
         from cxrlite.model.tokenizer import load_tokenizer
 
         bundle = load_bundle(bundle_dir, verify=verify)
         vision_variants = bundle.vision_variants
         wants_trt = vision_backend in ("auto", "tensorrt") and any(
-            v.get("kind") == "tensorrt" for v in vision_variants.values()
+            v.kind == Kind.TENSORRT for v in vision_variants.values()
         )
         hw = probe_hardware(tensorrt=wants_trt)
         v_choice = plan_vision(
-            vision_variants, bundle.default.get("vision"), hw, vision_backend, vision_variant
+            vision_variants, bundle.default.get(Key.VISION), hw, vision_backend, vision_variant
         )
         l_choice = plan_llm(
             bundle.llm_variants,
-            bundle.default.get("llm"),
+            bundle.default.get(Key.LLM),
             hw,
             llm_backend,
             llm_variant,
-            bundle.manifest.get("quality"),
+            bundle.quality,
         )
+        torch_device = None
+        if l_choice.backend in ("torch", "gptq") or v_choice.backend == "torch":
+            torch_device = resolve_device(device, purpose="inference").device
         reference = None
         if "torch" in (v_choice.backend, l_choice.backend):
             reference = _load_reference(
-                bundle, checkpoint, threads, vision_only=l_choice.backend != "torch"
+                bundle, checkpoint, threads, torch_device, vision_only=l_choice.backend != "torch"
             )
         if n_gpu_layers is None:
             n_gpu_layers = -1 if hw.cuda and hw.llama_gpu_offload else 0
@@ -166,6 +169,7 @@ class Runtime:
             kv_type=kv_type,
             flash_attn=flash_attn,
             reference_llm=getattr(reference, "llm", None),
+            device=torch_device,
         )
         runtime = cls(
             bundle,
@@ -281,7 +285,7 @@ class Runtime:
         if use_cache and file_key is not None:
             self.cache.add_alias(file_key, key)
         return ImageEmbeddings(
-            embeds, hit, _ms(t1 - t0), 0.0 if hit else _ms(time.perf_counter() - t1)
+            embeds, hit, ms(t1 - t0), 0.0 if hit else ms(time.perf_counter() - t1)
         )
 
     def file_key(self, raw: bytes | bytearray | memoryview) -> str:
@@ -294,7 +298,7 @@ class Runtime:
         found = self.cache.get_alias(file_key)
         if found is None:
             return None
-        return ImageEmbeddings(found[1], True, _ms(time.perf_counter() - t0), 0.0)
+        return ImageEmbeddings(found[1], True, ms(time.perf_counter() - t0), 0.0)
 
     def _encode(self, pixels: np.ndarray) -> np.ndarray:
         out = self.vision.encode(pixels[None])
@@ -413,48 +417,10 @@ class Runtime:
     def report(
         self, image: Image, *, max_tokens: int = 128, cancelled: threading.Event | None = None
     ) -> dict[str, Any]:
-        """Findings, then the impression as a summary of those findings (text only, the
-        findings-summarization task of stage 3), CheXpert labels of both by the report labeler,
-        variants and per-phase timings. An impression written from the image independently
-        contradicted its own findings on 18 of 40 held-out phantoms (demo model), a summary on 10.
-        Setting
-        `cancelled` (any thread) stops it before its next token; the impression is then not
-        started and `finish_reason` is "cancelled"."""
-        from cxrlite.data.prompts import FINDINGS_PROMPT, summary_prompt
-        from cxrlite.eval.labeler import label_report
+        """The draft report of one study (cxrlite.runtime.report.draft_report)."""
+        from cxrlite.runtime.report import draft_report
 
-        t0 = time.perf_counter()
-        encoded = self.image_embeddings(image)
-        findings = self.complete(
-            FINDINGS_PROMPT, encoded, max_tokens=max_tokens, cancelled=cancelled
-        )
-        impression = self.complete(
-            summary_prompt(findings.text.strip()), None, max_tokens=max_tokens, cancelled=cancelled
-        )
-        text = f"FINDINGS: {findings.text.strip()}\nIMPRESSION: {impression.text.strip()}"
-        phase = ("queue_ms", "prefill_ms", "decode_ms", "tokens_per_s", "total_ms")
-        return {
-            "findings": findings.text.strip(),
-            "impression": impression.text.strip(),
-            "labels": label_report(text),
-            "variants": self.variants,
-            "cache_hit": findings.cache_hit,
-            "finish_reason": {
-                "findings": findings.finish_reason,
-                "impression": impression.finish_reason,
-            },
-            "timings": {
-                "preprocess_ms": encoded.preprocess_ms,
-                "vision_ms": encoded.vision_ms,
-                "findings": {k: findings.timings.get(k, 0.0) for k in phase},
-                "impression": {k: impression.timings.get(k, 0.0) for k in phase},
-                "total_ms": _ms(time.perf_counter() - t0),
-            },
-            "usage": {
-                key: findings.usage[key] + impression.usage[key]
-                for key in ("prompt_tokens", "completion_tokens")
-            },
-        }
+        return draft_report(self, image, max_tokens=max_tokens, cancelled=cancelled)
 
     # --- scoring ----------------------------------------------------------------------------
 
@@ -499,21 +465,22 @@ class Runtime:
 
 
 def _load_reference(
-    bundle: Any, checkpoint: str | os.PathLike | None, threads: int | None, vision_only: bool
+    bundle: Any,
+    checkpoint: str | os.PathLike | None,
+    threads: int | None,
+    device: Any,
+    vision_only: bool,
 ) -> Any:
-    """The bundle's source model (CXRVLM, fp32) for the torch backends, loaded once for both;
-    only its vision tower (export.onnx.VisionTower, on the CPU) when the LLM is not torch."""
+    """The bundle's source model (CXRVLM, fp32, on `device`) for the torch backends, loaded once
+    for both; only its vision tower (VisionTower, fp32 on the CPU) when the LLM is not torch."""
     import torch
 
-    from cxrlite.model.checkpoint import load
+    from cxrlite.model.checkpoint import load, load_vision_tower
 
     path: Path = reference_checkpoint(bundle, checkpoint)
     if threads:
         torch.set_num_threads(threads)  # process-wide: torch has no per-model thread count
     if vision_only:
-        from cxrlite.model.checkpoint import load_vision_tower
-
         return load_vision_tower(path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _, _ = load(path, device=device)
     return model

@@ -51,7 +51,8 @@ class Completion:
         }
 
 
-def _ms(seconds: float) -> float:
+def ms(seconds: float) -> float:
+    """Seconds as milliseconds, rounded to the microsecond (every timing cxrlite reports)."""
     return round(seconds * 1000.0, 3)
 
 
@@ -114,9 +115,9 @@ class Generation:
         n = len(tokens)
         decode_s = end - first if first is not None else 0.0
         self.timings.update(
-            decode_ms=_ms(decode_s),
+            decode_ms=ms(decode_s),
             tokens_per_s=round((n - 1) / decode_s, 3) if n > 1 and decode_s > 0 else 0.0,
-            total_ms=_ms(end - self._started),
+            total_ms=ms(end - self._started),
         )
         self.result = Completion(
             text=text,
@@ -154,14 +155,14 @@ class Generation:
         try:
             with self._session():
                 begun = time.perf_counter()
-                self.timings["queue_ms"] = _ms(begun - waited)
+                self.timings["queue_ms"] = ms(begun - waited)
                 logits = None if self._cancelled.is_set() else self._prefill()
                 while logits is not None:
                     token, logprob = sampler(logits)
                     if first is None:
                         first = time.perf_counter()
-                        self.timings["prefill_ms"] = _ms(first - begun)
-                        self.timings["ttft_ms"] = _ms(first - self._started)
+                        self.timings["prefill_ms"] = ms(first - begun)
+                        self.timings["ttft_ms"] = ms(first - self._started)
                     if token in self._stop_ids:
                         reason = "stop"
                         break

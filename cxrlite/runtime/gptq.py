@@ -61,7 +61,9 @@ def import_gptqmodel() -> Any:
 
 
 def load_gptq_llm(
-    gptq_dir: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None
+    gptq_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> Any:
     """The quantized LlamaForCausalLM (eval mode) for inference. On the CPU it uses GPTQModel's
     pure-torch kernel (the ATen int4 kernel needs widths that are multiples of 16), which runs
@@ -70,10 +72,13 @@ def load_gptq_llm(
         gptqmodel = import_gptqmodel()
     path = Path(gptq_dir)
     gptq_format_check(path)
-    backend = gptqmodel.BACKEND.TORCH if device == "cpu" else gptqmodel.BACKEND.AUTO
-    dtype = dtype or (torch.bfloat16 if device == "cpu" else torch.float16)
+    on_cpu = torch.device(device).type == "cpu"
+    backend = gptqmodel.BACKEND.TORCH if on_cpu else gptqmodel.BACKEND.AUTO
+    dtype = dtype or (torch.bfloat16 if on_cpu else torch.float16)
     with gptqmodel_output():
-        wrapper = gptqmodel.GPTQModel.load(str(path), device=device, backend=backend, dtype=dtype)
+        wrapper = gptqmodel.GPTQModel.load(
+            str(path), device=str(torch.device(device)), backend=backend, dtype=dtype
+        )
     return wrapper.model.eval()
 
 

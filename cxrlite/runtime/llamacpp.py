@@ -52,8 +52,8 @@ _log_callback: Any = None  # kept alive: llama.cpp holds a raw pointer to it
 
 # KV cache element types (ggml_type); "f32" (with flash_attn=False) is for parity checks.
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
-# Saved prompt states of a runtime's llama.cpp backend (see SequenceStates): ~190 KB a prompt
-# for the small bundle, 7 MB for the 1B shape; the 7B shape's 380 MB never fit, so it keeps none.
+# Saved prompt states of a runtime's llama.cpp backend (see SequenceStates). A state grows with
+# the model's KV size: small models keep hundreds, the largest shapes' states do not fit at all.
 DEFAULT_STATE_CACHE_BYTES = 256 << 20
 
 

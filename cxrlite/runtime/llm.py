@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from cxrlite.bundle import Key
 from cxrlite.runtime.sampling import log_softmax
 
 logger = logging.getLogger(__name__)
@@ -218,20 +219,20 @@ def open_llm(
     kv_type: str = "f16",
     flash_attn: bool | None = None,
     reference_llm: Any = None,
+    device: Any = None,
 ) -> LLMBackend:
     """The backend for a plan `Choice` (cxrlite.runtime.plan); `reference_llm` is the reference
-    model's LLM for the torch backend."""
+    model's LLM for the torch backend; a GPTQ model loads on `device` (a torch device)."""
     if choice.backend == "torch":
         if reference_llm is None:
             raise ValueError("the torch LLM backend needs the reference model")
         return TorchLLMBackend(reference_llm, "torch-fp32", n_ctx=n_ctx)
-    path = bundle.variant_file("llm", choice.variant)
+    path = bundle.variant_file(Key.LLM, choice.variant)
     if choice.backend == "gptq":
-        import torch
-
         from cxrlite.runtime.gptq import load_gptq_llm
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device is None:
+            raise ValueError("the GPTQ backend needs a torch device (cxrlite.device)")
         return TorchLLMBackend(load_gptq_llm(path, device=device), choice.variant, n_ctx=n_ctx)
     return LlamaCppBackend(
         path,

@@ -15,10 +15,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cxrlite.bundle import Kind, Variant
 from cxrlite.errors import CxrliteError
 
 logger = logging.getLogger(__name__)
@@ -26,8 +28,8 @@ logger = logging.getLogger(__name__)
 VISION_BACKENDS = ("auto", "onnx", "tensorrt", "torch")
 LLM_BACKENDS = ("auto", "llama.cpp", "gptq", "torch")
 _LLM_ALIASES = {"gguf": "llama.cpp", "llamacpp": "llama.cpp", "llama_cpp": "llama.cpp"}
-VISION_KINDS = {"onnx": "onnx", "tensorrt": "tensorrt"}  # manifest kind -> backend
-LLM_KINDS = {"gguf": "llama.cpp", "gptq": "gptq"}
+VISION_KINDS = {Kind.ONNX: "onnx", Kind.TENSORRT: "tensorrt"}  # manifest kind -> backend
+LLM_KINDS = {Kind.GGUF: "llama.cpp", Kind.GPTQ: "gptq"}
 REFERENCE_NAME = "torch-fp32"
 
 
@@ -91,20 +93,20 @@ def probe_hardware(tensorrt: bool = False) -> Hardware:
     )
 
 
-def _by_kind(variants: dict[str, dict[str, Any]], kinds: dict[str, str], backend: str) -> list[str]:
-    return [name for name, entry in variants.items() if kinds.get(entry.get("kind")) == backend]
+def _by_kind(variants: Mapping[str, Variant], kinds: dict[str, str], backend: str) -> list[str]:
+    return [name for name, v in variants.items() if kinds.get(v.kind) == backend]
 
 
-def _engine_usable(entry: dict[str, Any], hw: Hardware) -> tuple[bool, str]:
+def _engine_usable(variant: Variant, hw: Hardware) -> tuple[bool, str]:
     if hw.trt_gpu is None:
         return False, hw.trt_error or "TensorRT is not available on this machine"
     from cxrlite.runtime.tensorrt_runner import engine_matches
 
-    return engine_matches(entry.get("engine") or {}, hw.trt_gpu)
+    return engine_matches(variant.engine, hw.trt_gpu)
 
 
 def plan_vision(
-    variants: dict[str, dict[str, Any]],
+    variants: Mapping[str, Variant],
     default: str | None,
     hw: Hardware,
     backend: str = "auto",
@@ -117,7 +119,7 @@ def plan_vision(
             raise BackendError(
                 f"no vision variant {variant!r} in the bundle; have {sorted(variants)}"
             )
-        kind = VISION_KINDS.get(variants[variant].get("kind"))
+        kind = VISION_KINDS.get(variants[variant].kind)
         if kind is None or backend not in ("auto", kind):
             raise BackendError(f"vision variant {variant!r} is not a {backend} variant")
         if kind == "tensorrt":
@@ -168,7 +170,7 @@ def _pick(names: list[str], default: str | None, quality: dict[str, Any]) -> str
 
 
 def plan_llm(
-    variants: dict[str, dict[str, Any]],
+    variants: Mapping[str, Variant],
     default: str | None,
     hw: Hardware,
     backend: str = "auto",
@@ -182,7 +184,7 @@ def plan_llm(
     if variant is not None:
         if variant not in variants:
             raise BackendError(f"no LLM variant {variant!r} in the bundle; have {sorted(variants)}")
-        kind = LLM_KINDS.get(variants[variant].get("kind"))
+        kind = LLM_KINDS.get(variants[variant].kind)
         if kind is None or backend not in ("auto", kind):
             raise BackendError(f"LLM variant {variant!r} is not a {backend} variant")
         ok, why = _available(kind, hw)
@@ -203,7 +205,7 @@ def plan_llm(
         raise BackendError(
             "the bundle has no LLM variant; use llm_backend='torch' with the checkpoint"
         )
-    kind = LLM_KINDS.get(variants[default].get("kind"))
+    kind = LLM_KINDS.get(variants[default].kind)
     gguf = _by_kind(variants, LLM_KINDS, "llama.cpp")
     if kind == "gptq" and not hw.cuda and gguf and hw.llama_cpp:
         return Choice("llama.cpp", _pick(gguf, None, quality), "GPTQ needs a GPU to be fast")
@@ -224,7 +226,7 @@ def reference_checkpoint(bundle: Any, checkpoint: str | os.PathLike | None = Non
     from cxrlite.bundle import sha256_file
     from cxrlite.model.checkpoint import WEIGHTS_FILE
 
-    source = bundle.manifest.get("source") or {}
+    source = bundle.source
     path = Path(checkpoint) if checkpoint is not None else Path(source.get("path") or "")
     weights = path / WEIGHTS_FILE
     if not weights.is_file():

@@ -18,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from cxrlite.bundle import Key
+
 logger = logging.getLogger(__name__)
 
 
@@ -109,8 +111,8 @@ def open_vision(
         if tower is None:
             raise ValueError("the torch vision backend needs the reference model")
         return TorchVision(tower)
-    path = bundle.variant_file("vision", choice.variant)
+    path = bundle.variant_file(Key.VISION, choice.variant)
     if choice.backend == "tensorrt":
-        entry = bundle.vision_variants[choice.variant]
-        return TensorRTVision(path, choice.variant, entry.get("engine") or {})
+        engine = bundle.variant(Key.VISION, choice.variant).engine
+        return TensorRTVision(path, choice.variant, engine)
     return OnnxVision(path, choice.variant, default_providers(), threads=threads)

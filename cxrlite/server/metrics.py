@@ -16,7 +16,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-# Seconds. Latency buckets reach minutes: a CPU-only 7B model takes that long per report.
+# Seconds. Latency buckets reach minutes, so a report from a large model on CPUs alone still
+# lands in a bucket of its own.
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _PER_TOKEN = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
 _VISION = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)

@@ -3,9 +3,9 @@
 The runtime decodes one sequence at a time (one KV cache), so one worker thread runs every
 generation, in the order requests became ready. A request is *admitted* (`admit()`) before its
 image work starts, so the bound counts everything waiting for the LLM, image work included; a
-full queue is refused at once (the app answers 503 + Retry-After) instead of letting latency
-grow without limit. Image work runs in the request's own thread, outside this queue, so the
-next request's image is decoded and encoded while the current one decodes tokens.
+full queue is refused at once (`QueueFull`: the app answers 503 + Retry-After) instead of
+letting latency grow without limit. Image work runs in the image threads, outside this queue, so
+the next request's image is decoded and encoded while the current one decodes tokens.
 
 A `Job` carries the work (a function run in the worker thread) and an `asyncio.Queue` of what
 it emits, filled from the worker with `loop.call_soon_threadsafe`: the event loop never waits
@@ -35,7 +35,7 @@ class SchedulerStopped(Exception):
 
 
 class JobTimeout(Exception):
-    """The job's deadline passed; it was cancelled."""
+    """The request's deadline passed; its job, if it had one, was cancelled."""
 
 
 DONE, ERROR, EVENT = "done", "error", "event"
@@ -107,10 +107,17 @@ class Job:
 
 
 class Ticket:
-    """A place in the queue, held from admission until the job is submitted or given up."""
+    """A place in the queue, held from admission until the job is submitted or given up; as a
+    context manager, given up on leaving unless a job took it."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler, self.open = scheduler, True
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
     def release(self) -> None:
         if self.open:

@@ -1,89 +1,23 @@
-"""The OpenAI chat-completions subset the server speaks, and its error shape.
+"""The OpenAI chat-completions subset the server speaks: requests, and the bodies of answers.
 
 Requests are validated by pydantic (FastAPI turns the models into the OpenAPI schema); what
 pydantic cannot say (one image per conversation, images only from the user, n == 1) is checked
-by `chat_prompt`. Every error leaves the server as OpenAI's
-`{"error": {"message", "type", "code", "param"}}` so the `openai` client raises its typed
-exceptions. Error messages never echo the request's text or image (patient data).
+by `chat_prompt`, which raises `APIError`s (cxrlite.server.errors renders them). Error messages
+never echo the request's text or image (patient data).
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException
 
-from cxrlite.imaging.errors import ImageError
-
-if TYPE_CHECKING:
-    from cxrlite.server.metrics import ServerMetrics
-
-logger = logging.getLogger(__name__)
+from cxrlite.server.errors import APIError
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_SEED = 2**64 - 1  # numpy's default_rng takes any non-negative integer; keep it to 64 bits
-
-
-class APIError(Exception):
-    """An answer other than 200, raised anywhere in a request and rendered by the app."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str | None = None,
-        code: str | None = None,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.code, self.param)
-
-
-def error_body(
-    message: str, type: str, code: str | None = None, param: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "code": code, "param": param}}
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    code: str | None = None
-    param: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-# The statuses a route may answer besides 200, for the OpenAPI schema.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "Invalid request (schema, prompt, image URL, context length)",
-        401: "Missing or wrong API key",
-        404: "Unknown model",
-        413: "Request body or image too large",
-        415: "Not a DICOM, PNG or JPEG image",
-        422: "An image without usable pixels",
-        503: "Queue full, model loading or shutting down (see Retry-After)",
-        504: "The request timed out (its generation was cancelled)",
-    }.items()
-}
 
 
 # --- requests --------------------------------------------------------------------------------
@@ -287,54 +221,3 @@ def chunk_body(
         "choices": choices,
         **extra,
     }
-
-
-# --- rendering errors --------------------------------------------------------------------
-
-
-def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    parts = []
-    for error in errors[:5]:
-        loc = ".".join(str(x) for x in error.get("loc", ()) if x not in ("body", "form"))
-        if error.get("type") == "union_tag_invalid":  # pydantic's text quotes the input's tag
-            msg = f"unknown type; expected one of {error.get('ctx', {}).get('expected_tags')}"
-        else:
-            msg = error.get("msg", "invalid value")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    first = errors[0].get("loc", ()) if errors else ()
-    param = ".".join(str(x) for x in first if x not in ("body", "form")) or None
-    return "; ".join(parts), param
-
-
-def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
-    """Every refusal in OpenAI's error shape, counted by type and code, logged without text."""
-
-    def render(request: Request, error: APIError) -> JSONResponse:
-        metrics.error(error.type, error.code)
-        logger.info("request %s refused: %d %s", request.state.request_id, error.status, error.code)
-        return JSONResponse(error.body(), error.status, headers=error.headers)
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return render(request, exc)
-
-    @app.exception_handler(ImageError)
-    async def image_error(request: Request, exc: ImageError) -> JSONResponse:
-        # ImageError messages name the source ("upload") and the problem, never patient data.
-        return render(request, APIError(exc.http_status, str(exc), code=exc.code, param="image"))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(list(exc.errors()))
-        return render(request, APIError(400, message, code="invalid_request", param=param))
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-        error = APIError(
-            exc.status_code,
-            str(exc.detail),
-            code=codes.get(exc.status_code),
-            headers=dict(exc.headers or {}),
-        )
-        return render(request, error)
