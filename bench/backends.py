@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cxrlite.bundle import Key, Kind
+
 REFERENCE = "torch-fp32"  # the name every speed ratio is taken against
 
 
@@ -51,7 +53,7 @@ def open_vision_spec(
     else:
         if spec not in bundle.vision_variants:
             raise BackendError(f"the bundle has no vision variant {spec!r}")
-        hw = probe_hardware(tensorrt=bundle.vision_variants[spec].get("kind") == "tensorrt")
+        hw = probe_hardware(tensorrt=bundle.vision_variants[spec].kind == Kind.TENSORRT)
         choice = plan_vision(bundle.vision_variants, None, hw, "auto", spec)
     return open_vision(bundle, choice, threads=threads)
 
@@ -129,8 +131,8 @@ def default_vision_spec(bundle: Any) -> str:
     """The vision backend a runtime would pick here (cxrlite.runtime.plan rules)."""
     from cxrlite.runtime.plan import plan_vision, probe_hardware
 
-    wants_trt = any(v.get("kind") == "tensorrt" for v in bundle.vision_variants.values())
+    wants_trt = any(v.kind == Kind.TENSORRT for v in bundle.vision_variants.values())
     choice = plan_vision(
-        bundle.vision_variants, bundle.default.get("vision"), probe_hardware(tensorrt=wants_trt)
+        bundle.vision_variants, bundle.default.get(Key.VISION), probe_hardware(tensorrt=wants_trt)
     )
     return choice.variant or "torch"

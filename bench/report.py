@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from cxrlite.bundle import VARIANT_SECTIONS, Kind
+
 logger = logging.getLogger(__name__)
 
 PERCENTILES = (50, 90, 99)
@@ -135,16 +137,10 @@ def environment() -> dict[str, Any]:
 
 
 def variant_bytes(bundle: Any, section: str, name: str) -> int | None:
-    """Bytes on disk of a bundle variant: its file, a folder's files, and sidecars (x.data)."""
-    entry = bundle.manifest.get(section, {}).get(name)
-    if entry is None:
+    """Bytes on disk of a bundle variant, or None when the bundle has no such variant."""
+    if name not in bundle.variants(section):
         return None
-    rel = entry["file"]
-    return sum(
-        r["size"]
-        for f, r in bundle.manifest["files"].items()
-        if f == rel or f.startswith((rel + "/", rel + "."))
-    )
+    return bundle.variant_bytes(section, name)
 
 
 def gguf_weight_bytes(path: str | os.PathLike) -> dict[str, int]:
@@ -176,12 +172,12 @@ def bundle_summary(bundle: Any) -> dict[str, Any]:
             "head_dim": cfg.llm.head_dim,
             "vocab": cfg.llm.vocab_size,
         },
-        "variants": {s: sorted(bundle.manifest.get(s, {})) for s in ("vision", "llm")},
+        "variants": {s: sorted(bundle.variants(s)) for s in VARIANT_SECTIONS},
         "default": dict(bundle.default),
         "random_weights": any(
-            entry.get("random_weights")
-            for section in ("vision", "llm")
-            for entry in bundle.manifest.get(section, {}).values()
+            v.entry.get("random_weights")
+            for section in VARIANT_SECTIONS
+            for v in bundle.variants(section).values()
         ),
     }
 
@@ -213,8 +209,8 @@ def summarize_job(raw: dict[str, Any], bundle: Any) -> dict[str, Any]:
             out["size_note"] = "parameters x dtype"
         else:
             out["size_bytes"] = variant_bytes(bundle, "llm", raw["name"])
-            entry = bundle.llm_variants.get(raw["name"], {})
-            if entry.get("kind") == "gguf":
+            variant = bundle.llm_variants.get(raw["name"])
+            if variant is not None and variant.kind == Kind.GGUF:
                 out["weights"] = gguf_weight_bytes(bundle.variant_file("llm", raw["name"]))
     return out
 

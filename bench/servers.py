@@ -25,6 +25,7 @@ from typing import Any
 
 import click
 
+from cxrlite.bundle import Kind
 from cxrlite.data.prompts import FINDINGS_PROMPT
 from cxrlite.errors import CxrliteError
 
@@ -141,9 +142,8 @@ def bundle_llm(bundle_dir: str | Path, llm_variant: str | None = None) -> Bundle
     except BundleError as e:
         raise ServerCompareError(str(e)) from None
     variant = llm_variant or bundle.default.get("llm")
-    entry = bundle.llm_variants.get(variant or "")
-    if entry is None or entry.get("kind") != "gguf":
-        ggufs = sorted(n for n, e in bundle.llm_variants.items() if e.get("kind") == "gguf")
+    ggufs = sorted(n for n, v in bundle.llm_variants.items() if v.kind == Kind.GGUF)
+    if variant not in ggufs:
         raise ServerCompareError(
             f"{bundle_dir}: LLM variant {variant!r} is not a GGUF, so llama_cpp.server cannot "
             f"serve it; pass --llm-variant with one of {ggufs}"

@@ -148,13 +148,6 @@ class Variant:
     def engine(self) -> dict[str, Any]:
         return self.entry.get(VariantKey.ENGINE) or {}
 
-    # TEMPORARY-SHIM: dict access while callers move to the attributes above.
-    def __getitem__(self, key: str) -> Any:
-        return self.entry[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.entry.get(key, default)
-
 
 def variant_entry(file: str, kind: str, dtype: str | None, size: int, **fields: Any) -> dict:
     """A manifest entry for a variant whose `file` (bundle-relative) a writer just produced;
@@ -196,11 +189,11 @@ class Bundle:
     def variant_file(self, section: str, name: str) -> Path:
         return self.file(self.variant(section, name).file)
 
-    def file_size(self, rel: str) -> int:
-        """Bytes of a listed file, or of every listed file under a listed folder."""
-        prefix = rel.rstrip("/") + "/"
+    def variant_bytes(self, section: str, name: str) -> int:
+        """Bytes on disk of a variant: its file, a folder's files and sidecars (x.onnx.data)."""
+        file = self.variant(section, name).file
         files = self.manifest[Key.FILES]
-        return sum(r[_SIZE] for f, r in files.items() if f == rel or f.startswith(prefix))
+        return sum(record[_SIZE] for rel, record in files.items() if owns(file, rel))
 
     @property
     def default(self) -> dict[str, str | None]:
@@ -225,6 +218,11 @@ class Bundle:
     @property
     def tokenizer_dir(self) -> Path:
         return self.path / self.manifest[Key.TOKENIZER]["dir"]
+
+
+def owns(variant_file: str, rel: str) -> bool:
+    """A variant owns its file, the files under it (a folder) and its sidecars (x.onnx.data)."""
+    return rel == variant_file or rel.startswith((variant_file + "/", variant_file + "."))
 
 
 def listed(files: dict[str, Any], rel: str) -> bool:

@@ -37,7 +37,7 @@ _COMMANDS = {
     "eval": ("cxrlite.commands.eval", "eval_command", "CheXbench-style evaluation with bootstrap CIs and fairness, per bundle variant."),
     "report": ("cxrlite.commands.report", "report", "Draft reports (findings, impression, labels) for DICOM/PNG/JPEG files or folders."),
     "serve": ("cxrlite.commands.serve", "serve", "Serve a bundle: OpenAI-compatible API, /v1/reports, /health, /metrics, a web page."),
-    "bench": ("cxrlite.commands.bench", "bench", "Per-phase latency, throughput and memory of a bundle's backends (or random weights of real size)."),
+    "bench": ("cxrlite.commands.bench", "bench", "Latency per phase and backend (default), servers under load, soak, micro-benchmarks."),
     "doctor": ("cxrlite.commands.doctor", "doctor", "What this machine can run, and what is missing for which feature."),
 }
 # fmt: on
@@ -90,7 +90,7 @@ def main(ctx: click.Context, verbose: int) -> None:
       cxrlite eval            quality with bootstrap CIs and fairness, checkpoint vs variants
       cxrlite report          draft reports for DICOM/PNG/JPEG files with a bundle
       cxrlite serve           OpenAI-compatible server with a web page, health and metrics
-      cxrlite bench           latency per phase, per backend, with memory and bandwidth bound
+      cxrlite bench           latency per phase and backend; `cxrlite bench --help` lists the rest
       cxrlite doctor          check what this machine can run
     """
     setup_logging(verbose)

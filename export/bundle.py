@@ -40,6 +40,7 @@ from cxrlite.bundle import (
     VariantKey,
     inventory,
     load_bundle,
+    owns,
     sha256_file,
     validate_manifest,
     variant_entry,
@@ -213,11 +214,6 @@ def _remove_unlisted(root: Path, files: dict[str, Any]) -> None:
             path.rmdir()
 
 
-def _owns(entry_file: str, rel: str) -> bool:
-    """A variant owns its file, the files under it (a folder) and its sidecars (x.onnx.data)."""
-    return rel == entry_file or rel.startswith((entry_file + "/", entry_file + "."))
-
-
 def _orphans(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
     """Files owned by a variant of `old` that no variant of `new` owns."""
     old_owners = [e[VariantKey.FILE] for s in VARIANT_SECTIONS for e in old[s].values()]
@@ -225,7 +221,7 @@ def _orphans(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
     return {
         rel
         for rel in old[Key.FILES]
-        if any(_owns(p, rel) for p in old_owners) and not any(_owns(p, rel) for p in new_owners)
+        if any(owns(p, rel) for p in old_owners) and not any(owns(p, rel) for p in new_owners)
     }
 
 
@@ -234,7 +230,7 @@ def _without_files(manifest: dict[str, Any], rels: set[str]) -> dict[str, Any]:
     out = json.loads(json.dumps(manifest))
     for section in VARIANT_SECTIONS:
         for name, entry in list(out[section].items()):
-            if any(_owns(entry[VariantKey.FILE], rel) for rel in rels):
+            if any(owns(entry[VariantKey.FILE], rel) for rel in rels):
                 del out[section][name]
                 out[Key.QUALITY].pop(name, None)
     dropped = rels | _orphans(manifest, out)

@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from cxrlite.bundle import Key, Kind
+
 logger = logging.getLogger(__name__)
 
 SUMMARY_KEYS = (
@@ -81,15 +83,11 @@ def gate_variants(
 
 def best_default(bundle: Any, quality: dict[str, dict[str, Any]]) -> str | None:
     """The smallest deployable GGUF variant; else the bundle's current default LLM."""
-    files = bundle.manifest["files"]
-    candidates = [
-        name
-        for name, q in quality.items()
-        if q.get("deployable") and bundle.llm_variants.get(name, {}).get("kind") == "gguf"
-    ]
+    ggufs = {name for name, v in bundle.llm_variants.items() if v.kind == Kind.GGUF}
+    candidates = [name for name, q in quality.items() if q.get("deployable") and name in ggufs]
     if not candidates:
-        return bundle.manifest["default"]["llm"]
-    return min(candidates, key=lambda name: files[bundle.llm_variants[name]["file"]]["size"])
+        return bundle.default[Key.LLM]
+    return min(candidates, key=lambda name: bundle.variant_bytes(Key.LLM, name))
 
 
 def gate_and_record(

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cxrlite.bundle import Variant
 from cxrlite.errors import CxrliteError
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,8 @@ def calibration_texts(path: Path | None, n: int = 128, seed: int = 0) -> list[st
     return [" ".join(write_report(sample_labels(rng), text_rng)) for _ in range(n)]
 
 
-def source_gguf(bundle: Any) -> dict[str, Any]:
-    """The bundle's unquantized GGUF entry that quantized types are made from."""
+def source_gguf(bundle: Any) -> Variant:
+    """The bundle's unquantized GGUF variant that quantized types are made from."""
     for name in SOURCE_GGUF:
         if name in bundle.llm_variants:
             return bundle.llm_variants[name]
@@ -71,12 +72,12 @@ def gguf_variant_builder(bundle: Any, qtype: str, imatrix: dict | None) -> Build
 
         source = source_gguf(bundle)
         rel = f"llm/llm-{qtype}.gguf"
-        out = quantize_gguf(bundle.file(source["file"]), staging / rel, qtype, imatrix=imatrix)
+        out = quantize_gguf(bundle.file(source.file), staging / rel, qtype, imatrix=imatrix)
         entry = {
             "file": rel,
             "kind": "gguf",
             "dtype": qtype,
-            "from": source["file"],
+            "from": source.file,
             "tensor_types": gguf_tensor_types(out),
             "imatrix": imatrix is not None,
         }
@@ -121,16 +122,6 @@ def gptq_variant_builder(
         return {"llm": {f"gptq-{bits}bit": entry}}
 
     return add
-
-
-def variant_size(bundle: Any, name: str) -> int:
-    """Bytes of an LLM variant: its file, or every file of its folder."""
-    entry = bundle.llm_variants[name]
-    return sum(
-        rec["size"]
-        for rel, rec in bundle.manifest["files"].items()
-        if rel == entry["file"] or rel.startswith(entry["file"] + "/")
-    )
 
 
 def add_variants(

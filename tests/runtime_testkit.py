@@ -26,8 +26,8 @@ def runtime_bundle(tmp_path_factory) -> tuple[CXRVLM, Path, Path]:
     """(model, checkpoint dir, bundle dir), built on first use in the session's temp folder."""
     key = str(tmp_path_factory.getbasetemp())
     if key not in _BUILT:
-        from cxrlite.commands.export import gguf_builder
         from cxrlite.export.bundle import export_bundle
+        from cxrlite.export.gguf_builder import gguf_builder
 
         root = tmp_path_factory.mktemp("runtime-bundle")
         cfg = get_preset("tiny")

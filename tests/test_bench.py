@@ -155,7 +155,7 @@ def test_shape_builder_reduced_size(tmp_path):
     )  # fmt: skip
     bundle = load_bundle(path)
     assert set(bundle.llm_variants) == {"gguf-f16", "gguf-q4_k_m"}
-    assert bundle.vision_variants["onnx-fp32"]["random_weights"] is True
+    assert bundle.vision_variants["onnx-fp32"].entry["random_weights"] is True
     from cxrlite.bench.report import bundle_summary
 
     assert bundle_summary(bundle)["random_weights"] is True

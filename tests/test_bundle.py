@@ -49,7 +49,7 @@ def test_export_writes_a_complete_verified_bundle(exported):
 
     assert set(again.vision_variants) == {"onnx-fp32", "onnx-fp16", "onnx-int8"}
     assert again.default == {"vision": "onnx-fp32", "llm": None}
-    parity = {name: v["parity"] for name, v in again.vision_variants.items()}
+    parity = {name: v.parity for name, v in again.vision_variants.items()}
     assert parity["onnx-fp32"]["max_abs_diff"] <= 1e-4 and parity["onnx-fp32"]["passed"]
     assert parity["onnx-fp16"]["max_rel_error"] <= 1e-2 and parity["onnx-fp16"]["passed"]
     assert parity["onnx-int8"]["mean_cosine"] > 0.99 and parity["onnx-int8"]["passed"] is None
@@ -220,7 +220,7 @@ def test_an_update_replacing_a_listed_file_drops_then_readds_its_variant(bundle_
         return {"vision": {"onnx-int8": entry}}
 
     bundle = update_bundle(bundle_copy, replace_int8)
-    assert bundle.vision_variants["onnx-int8"]["dtype"] == "float16"
+    assert bundle.vision_variants["onnx-int8"].dtype == "float16"
     assert load_bundle(bundle_copy).manifest["files"]["vision/vision-int8.onnx"]["sha256"] == (
         sha256_file(bundle_copy / "vision" / "vision-fp16.onnx")
     )

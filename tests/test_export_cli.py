@@ -32,7 +32,7 @@ def test_export_writes_a_verified_bundle(bundle) -> None:
     _, out = bundle
     b = load_bundle(out)
     assert set(b.vision_variants) == {"onnx-fp32"}
-    assert b.llm_variants["gguf-f32"]["parity"]["max_abs_diff_tokens"] <= 1e-3
+    assert b.llm_variants["gguf-f32"].parity["max_abs_diff_tokens"] <= 1e-3
     assert b.manifest["default"] == {"vision": "onnx-fp32", "llm": "gguf-f32"}
 
 
@@ -54,8 +54,8 @@ def test_quantize_adds_gguf_and_gptq_variants(bundle, monkeypatch) -> None:
     assert code == 0, stdout + stderr
     b = load_bundle(out)  # every file hashed again: the updates kept the bundle consistent
     assert {"gguf-f32", "gguf-q8_0", "gptq-4bit"} <= set(b.llm_variants)
-    assert b.llm_variants["gguf-q8_0"]["tensor_types"]
-    assert b.llm_variants["gptq-4bit"]["format_check"]["format"] == "gptq"  # not gptq_v2
+    assert b.llm_variants["gguf-q8_0"].entry["tensor_types"]
+    assert b.llm_variants["gptq-4bit"].entry["format_check"]["format"] == "gptq"  # not gptq_v2
     assert b.file("llm/llm-q8_0.gguf").stat().st_size < b.file("llm/llm-f32.gguf").stat().st_size
     # quality gate: the fp32 reference and every new variant scored on the same held-out phantoms
     quality = b.manifest["quality"]
@@ -113,8 +113,7 @@ def test_calibration_texts(tmp_path: Path) -> None:
 
 
 def test_default_is_the_smallest_deployable_gguf() -> None:
-    from types import SimpleNamespace
-
+    from cxrlite.bundle import Bundle
     from cxrlite.quantize.gate import best_default, gate_variants
 
     variants = {
@@ -123,9 +122,10 @@ def test_default_is_the_smallest_deployable_gguf() -> None:
         "gguf-q4_k_m": {"file": "llm/q4.gguf", "kind": "gguf"},
         "gptq-4bit": {"file": "llm/gptq", "kind": "gptq"},
     }
-    sizes = {"llm/f32.gguf": 400, "llm/q8.gguf": 100, "llm/q4.gguf": 60, "llm/gptq": 10}
-    manifest = {"files": {k: {"size": v} for k, v in sizes.items()}, "default": {"llm": "gguf-f32"}}
-    bundle = SimpleNamespace(llm_variants=variants, manifest=manifest)
+    files = {"llm/f32.gguf": {"size": 400}, "llm/q8.gguf": {"size": 100}}
+    files.update({"llm/q4.gguf": {"size": 60}, "llm/gptq/model.safetensors": {"size": 10}})
+    manifest = {"files": files, "llm": variants, "default": {"llm": "gguf-f32"}}
+    bundle = Bundle(Path("unused"), manifest)
     quality = {
         "gguf-q8_0": {"deployable": True},
         "gguf-q4_k_m": {"deployable": False},

@@ -107,7 +107,7 @@ def test_engine_added_to_a_bundle_on_the_serving_machine(tiny_checkpoint, tmp_pa
     _, ckpt = tiny_checkpoint("qformer")
     export_bundle(ckpt, tmp_path / "bundle")
     bundle = add_tensorrt_engine(tmp_path / "bundle", max_batch=4)
-    entry = bundle.vision_variants["tensorrt-fp16"]
-    assert entry["parity"]["passed"] and entry["parity"]["reference"] == "onnx-fp32"
-    assert entry["engine"]["gpu_name"] == current_gpu()["gpu_name"]
+    variant = bundle.vision_variants["tensorrt-fp16"]
+    assert variant.parity["passed"] and variant.parity["reference"] == "onnx-fp32"
+    assert variant.engine["gpu_name"] == current_gpu()["gpu_name"]
     assert "vision/vision-fp16.engine" in load_bundle(bundle.path).manifest["files"]

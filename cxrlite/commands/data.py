@@ -111,14 +111,12 @@ def inspect(files: tuple[Path, ...], png_out: Path | None, image_size: int, as_j
         try:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no such file")
-            info = inspect_image(path)
+            image = load_image(path)
+            info = inspect_image(image)
             if png_out is not None:
-                target = (
-                    png_out
-                    if (len(files) == 1 and png_out.suffix.lower() == ".png")
-                    else png_out / f"{path.stem}.png"
-                )
-                to_display_png(preprocess(load_image(path).pixels, cfg), target, cfg)
+                one_png = len(files) == 1 and png_out.suffix.lower() == ".png"
+                target = png_out if one_png else png_out / f"{path.stem}.png"
+                to_display_png(preprocess(image.pixels, cfg), target, cfg)
                 info["png"] = str(target)
             row = {"file": str(path), "ok": True, **info}
         except (ImageError, OSError) as e:
@@ -233,19 +231,6 @@ def tasks(source: Path, out: Path, layout: str | None, seed: int) -> None:
 def dicom(image: Path, out: Path, monochrome1: bool) -> None:
     """Wrap a PNG/JPEG (e.g. a phantom) into a 12-bit DX DICOM with synthetic identifiers,
     to try the DICOM path end to end."""
-    import numpy as np
+    from cxrlite.imaging.write import image_to_dicom
 
-    from cxrlite.imaging.decode import load_image
-    from cxrlite.imaging.write import write_dicom
-
-    pixels = np.round(load_image(image).pixels * 4095).astype(np.uint16)
-    if monochrome1:
-        pixels = 4095 - pixels
-    write_dicom(
-        out,
-        pixels,
-        photometric="MONOCHROME1" if monochrome1 else "MONOCHROME2",
-        bits_stored=12,
-        window=(2048.0, 4096.0),
-    )
-    click.echo(f"wrote {out}")
+    click.echo(f"wrote {image_to_dicom(image, out, monochrome1)}")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
+from cxrlite.bundle import VARIANT_SECTIONS, Key
+
 # Re-exported: tests/runtime_testkit.py builds its bundle with it from here.
 from cxrlite.export.gguf_builder import gguf_builder
-
-__all__ = ["export", "gguf_builder"]
 
 
 @click.command()
@@ -77,17 +77,15 @@ def export(
         overwrite=overwrite,
     )
     click.echo(f"bundle {out}")
-    for section in ("vision", "llm"):
-        for name, entry in bundle.manifest[section].items():
-            size = bundle.manifest["files"].get(entry["file"], {}).get("size")
+    for section in VARIANT_SECTIONS:
+        for name, variant in bundle.variants(section).items():
+            size = bundle.variant_bytes(section, name)
             click.echo(
-                f"  {section:6s} {name:14s} {entry['file']}"
-                + (f"  {size / 2**20:.2f} MiB" if size else "")
-                + f"  parity {_parity_text(entry.get('parity'))}"
+                f"  {section:6s} {name:14s} {variant.file}  {size / 2**20:.2f} MiB"
+                f"  parity {_parity_text(variant.parity)}"
             )
-    click.echo(
-        f"  default: vision {bundle.manifest['default']['vision']}, llm {bundle.manifest['default']['llm']}"
-    )
+    default = bundle.default
+    click.echo(f"  default: vision {default[Key.VISION]}, llm {default[Key.LLM]}")
 
 
 def _parity_text(parity: dict | None) -> str:

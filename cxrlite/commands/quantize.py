@@ -8,16 +8,16 @@ from typing import Any
 
 import click
 
+from cxrlite.bundle import Key
+
 
 def _qtypes(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str]:
     return [v.strip().lower() for v in (value or "").split(",") if v.strip()]
 
 
 def _echo_variant(bundle: Any, name: str) -> None:
-    from cxrlite.quantize.variants import variant_size
-
-    entry = bundle.llm_variants[name]
-    click.echo(f"  llm {name:14s} {entry['file']}  {variant_size(bundle, name) / 2**20:.2f} MiB")
+    size = bundle.variant_bytes(Key.LLM, name)
+    click.echo(f"  llm {name:14s} {bundle.llm_variants[name].file}  {size / 2**20:.2f} MiB")
 
 
 # fmt: off
@@ -68,5 +68,5 @@ def quantize(bundle_dir: Path, qtypes: list[str], imatrix: bool, gptq: bool, bit
         delta = q.get("deltas", {}).get("findings_f1")
         click.echo(f"  quality {name:14s} {f1}" + (f" ({delta * 100:+.1f} points)" if delta is not None else "")
                    + f"  deployable: {q['deployable']}" + (" (forced)" if q.get("forced") else ""))
-    click.echo(f"  default llm: {bundle.manifest['default']['llm']}")
+    click.echo(f"  default llm: {bundle.default[Key.LLM]}")
 # fmt: on

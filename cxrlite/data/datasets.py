@@ -1,17 +1,17 @@
 """Loaders that turn the published chest X-ray dataset layouts into `list[Study]`.
 
 Layouts (`LOADERS`, picked by name or by `detect_layout`), one module each:
-- ``mimic-cxr-jpg`` (`cxrlite.data.mimic_cxr`): ``files/p10/p10000032/s50414267/<dicom_id>.jpg``
+- ``mimic-cxr-jpg`` (`cxrlite.data.layouts.mimic_cxr`): ``files/p10/p10000032/s50414267/<dicom_id>.jpg``
   with ``mimic-cxr-2.0.0-{metadata,split,chexpert}.csv[.gz]`` and the reports archive.
-- ``chexpert`` (`cxrlite.data.chexpert`): ``CheXpert-v1.0-small/{train,valid}.csv``; no reports.
-- ``iu-xray`` (`cxrlite.data.iu_xray`): Open-I ``ecgen-radiology/*.xml`` reports with
+- ``chexpert`` (`cxrlite.data.layouts.chexpert`): ``CheXpert-v1.0-small/{train,valid}.csv``; no reports.
+- ``iu-xray`` (`cxrlite.data.layouts.iu_xray`): Open-I ``ecgen-radiology/*.xml`` reports with
   ``NLMCXR_png/<parentImage id>.png``.
-- ``padchest`` (`cxrlite.data.padchest`): ``PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv``
+- ``padchest`` (`cxrlite.data.layouts.padchest`): ``PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv``
   with images at ``<ImageDir>/<ImageID>``; labels mapped to CheXpert observations.
-- ``jsonl`` and ``phantom`` (`cxrlite.data.jsonl_layouts`): one JSON object a line (schema in
+- ``jsonl`` and ``phantom`` (`cxrlite.data.layouts.jsonl`): one JSON object a line (schema in
   `load_jsonl`), and the ``manifest.jsonl`` of our phantom generator (`Study.to_dict` rows).
 What they share (DatasetError, `patient_split`, CSV and label helpers) is in
-`cxrlite.data.dataset_io`; this module re-exports the public names, so callers import here.
+`cxrlite.data.layouts.common`; this module re-exports the public names, so callers import here.
 
 Every loader returns ABSOLUTE image paths, so the studies can be written to a manifest
 anywhere. Splits are the dataset's official ones where it has them (MIMIC, CheXpert), else
@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cxrlite.data.chexpert import chexpert_dir, load_chexpert
-from cxrlite.data.dataset_io import (
+from cxrlite.data.layouts.chexpert import chexpert_dir, load_chexpert
+from cxrlite.data.layouts.common import (
     FRONTAL_VIEWS,
     PATHOLOGIES,
     DatasetError,
@@ -33,10 +33,10 @@ from cxrlite.data.dataset_io import (
     find_table,
     patient_split,
 )
-from cxrlite.data.iu_xray import load_iu_xray
-from cxrlite.data.jsonl_layouts import is_phantom_manifest, load_jsonl, load_phantom
-from cxrlite.data.mimic_cxr import METADATA_CSV, load_mimic_cxr_jpg
-from cxrlite.data.padchest import (
+from cxrlite.data.layouts.iu_xray import load_iu_xray
+from cxrlite.data.layouts.jsonl import is_phantom_manifest, load_jsonl, load_phantom
+from cxrlite.data.layouts.mimic_cxr import METADATA_CSV, load_mimic_cxr_jpg
+from cxrlite.data.layouts.padchest import (
     PADCHEST_CSV,
     PADCHEST_CSV_GLOB,
     PADCHEST_TO_CHEXPERT,

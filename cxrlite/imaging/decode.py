@@ -129,10 +129,17 @@ def load_image(
 
 
 def inspect_image(
-    source: str | Path | bytes, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: str | Path | bytes | DecodedImage,
+    *,
+    name: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """What `load_image` read and applied, as a dict; no patient identifiers, no pixels."""
-    image = load_image(source, name=name, max_pixels=max_pixels)
+    image = (
+        source
+        if isinstance(source, DecodedImage)
+        else load_image(source, name=name, max_pixels=max_pixels)
+    )
     report = image.info.to_dict()
     report["output_shape"] = list(image.pixels.shape)
     return report

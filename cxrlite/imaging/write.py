@@ -136,6 +136,23 @@ def write_dicom(path: str | os.PathLike, pixels: np.ndarray, **options: Any) -> 
     return path
 
 
+def image_to_dicom(image: str | os.PathLike, out: str | os.PathLike, monochrome1: bool) -> Path:
+    """Wrap a PNG/JPEG (e.g. a phantom) into a 12-bit DX DICOM with synthetic identifiers,
+    MONOCHROME1 (stored inverted, as some CR systems do) when asked."""
+    from cxrlite.imaging.decode import load_image
+
+    pixels = np.round(load_image(image).pixels * 4095).astype(np.uint16)
+    if monochrome1:
+        pixels = 4095 - pixels
+    return write_dicom(
+        out,
+        pixels,
+        photometric="MONOCHROME1" if monochrome1 else "MONOCHROME2",
+        bits_stored=12,
+        window=(2048.0, 4096.0),
+    )
+
+
 def _base_dataset(modality: str, view: str | None, sex: str | None, age: int | None) -> FileDataset:
     ds = FileDataset(None, {}, preamble=b"\0" * 128)
     # Placeholders in every identifying field, so readers are tested on files shaped like

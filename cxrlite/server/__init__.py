@@ -6,9 +6,9 @@
 Modules, as vLLM's OpenAI entry point lays them out:
 - app: `create_app`, which puts the pieces below together (state on `app.state`)
 - settings: `ServerSettings`, the limits and policies (and `cxrlite serve`'s option defaults)
-- routes_openai: /v1/chat/completions and /v1/models; chat: the generation behind them
-- routes_reports: /v1/reports, the draft report of an uploaded radiograph
-- routes_ops: /health, /metrics and the web page at /
+- routes/openai: /v1/chat/completions and /v1/models; chat: the generation behind them
+- routes/reports: /v1/reports, the draft report of an uploaded radiograph
+- routes/ops: /health, /metrics and the web page at /
 - pipeline: the steps every model request shares (deadline, image threads, the LLM job)
 - loader: the runtime, loaded in the background; scheduler: the queue and the one LLM worker
 - errors: the error shape and one handler per exception type; schemas: the request models

@@ -21,11 +21,11 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from cxrlite import __version__
-from cxrlite.server import routes_openai, routes_ops, routes_reports
 from cxrlite.server.errors import install_error_handlers
 from cxrlite.server.loader import RuntimeLoader
 from cxrlite.server.metrics import ServerMetrics
 from cxrlite.server.middleware import BodySizeLimit, RequestContext
+from cxrlite.server.routes import openai, ops, reports
 from cxrlite.server.scheduler import Scheduler
 from cxrlite.server.settings import ServerSettings
 
@@ -74,6 +74,6 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    for module in (routes_ops, routes_openai, routes_reports):
+    for module in (ops, openai, reports):
         app.include_router(module.router)
     return app

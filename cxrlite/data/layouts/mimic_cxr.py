@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from cxrlite.data.dataset_io import (
+from cxrlite.data.labels import CHEXPERT_OBSERVATIONS
+from cxrlite.data.layouts.common import (
     FRONTAL_VIEWS,
     DatasetError,
     chexpert_columns,
@@ -20,7 +21,6 @@ from cxrlite.data.dataset_io import (
     patient_split,
     read_csv,
 )
-from cxrlite.data.labels import CHEXPERT_OBSERVATIONS
 from cxrlite.data.records import SPLITS, Study
 from cxrlite.eval.sections import findings_and_impression
 

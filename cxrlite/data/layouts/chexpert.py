@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cxrlite.data.dataset_io import (
+from cxrlite.data.labels import CHEXPERT_OBSERVATIONS
+from cxrlite.data.layouts.common import (
     FRONTAL_VIEWS,
     SEXES,
     DatasetError,
@@ -16,7 +17,6 @@ from cxrlite.data.dataset_io import (
     normal_view,
     read_csv,
 )
-from cxrlite.data.labels import CHEXPERT_OBSERVATIONS
 from cxrlite.data.records import Study
 
 CHEXPERT_DIRS = ("CheXpert-v1.0-small", "CheXpert-v1.0")

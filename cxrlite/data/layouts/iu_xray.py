@@ -6,8 +6,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET  # stdlib parser: local dataset files, not uploads
 from pathlib import Path
 
-from cxrlite.data.dataset_io import DatasetError, finish, image_exists, patient_split
 from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, LABEL_VALUES
+from cxrlite.data.layouts.common import DatasetError, finish, image_exists, patient_split
 from cxrlite.data.records import Study
 from cxrlite.eval.labeler import label_report
 

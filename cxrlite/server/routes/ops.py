@@ -1,5 +1,5 @@
 """The operations routes: `GET /health` (200 when ready, 503 while loading or after a failed
-load), `GET /metrics` (Prometheus) and `GET /`, the web page (static/index.html)."""
+load), `GET /metrics` (Prometheus) and `GET /`, the web page (cxrlite/server/static/index.html)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 router = APIRouter()
 
-PAGE = (Path(__file__).with_name("static") / "index.html").read_text(encoding="utf-8")
+PAGE = (Path(__file__).parent.parent / "static" / "index.html").read_text(encoding="utf-8")
 PAGE_HEADERS = {
     # The page is one file with inline script and style; it talks to this origin only.
     "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "

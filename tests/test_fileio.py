@@ -1,4 +1,5 @@
-"""Staging folders of interrupted writers are cleaned on the next run; a live writer's are kept."""
+"""fileio: staging folders of interrupted writers are cleaned on the next run (a live writer's are
+kept); JSONL reading names the file it cannot read."""
 
 from __future__ import annotations
 
@@ -50,3 +51,12 @@ def test_an_interrupted_checkpoint_save_is_cleaned_by_the_next_one(tmp_path, dea
     with atomic_dir(tmp_path / "ckpt") as tmp:
         (tmp / "config.json").write_text("{}")
     assert not stale.exists() and (tmp_path / "ckpt" / "config.json").is_file()
+
+
+def test_a_binary_file_is_named_when_read_as_jsonl(tmp_path):
+    from cxrlite.fileio import read_jsonl
+
+    binary = tmp_path / "tasks.jsonl"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ValueError, match="tasks.jsonl: not UTF-8 text"):
+        read_jsonl(binary)

@@ -8,7 +8,8 @@ import ast
 from collections.abc import Iterable
 from pathlib import Path
 
-from cxrlite.data.dataset_io import (
+from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, NEGATIVE, NOT_MENTIONED, POSITIVE
+from cxrlite.data.layouts.common import (
     FRONTAL_VIEWS,
     PATHOLOGIES,
     SEXES,
@@ -20,7 +21,6 @@ from cxrlite.data.dataset_io import (
     patient_split,
     read_csv,
 )
-from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, NEGATIVE, NOT_MENTIONED, POSITIVE
 from cxrlite.data.records import Study
 
 PADCHEST_CSV = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"

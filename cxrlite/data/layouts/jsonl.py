@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cxrlite.data.dataset_io import (
+from cxrlite.data.layouts.common import (
     SEXES,
     DatasetError,
     coded_label,
