@@ -4,6 +4,9 @@
 - `tiny_checkpoint(bridger)`: (model, checkpoint folder) of `export_testkit.make_checkpoint`
   for that bridger ("mlp" or "qformer"), on `tiny_tokenizer`.
 - `runtime_built`: `runtime_testkit.runtime_bundle`'s (model, checkpoint folder, bundle folder).
+- `runtime`: the server tests' Runtime (`server_testkit.shared_runtime`); `make_client(**settings)`
+  a TestClient of a new app on it (closed after the test), `client` one with default settings.
+  A module that needs another runtime or client defines its own fixture of that name.
 
 Every test module sees the same objects: treat the models and folders as read-only (copy a
 folder before changing it, deep-copy a model before changing its weights). The testkits are
@@ -50,3 +53,23 @@ def runtime_built(tmp_path_factory) -> tuple[Any, Path, Path]:
     from runtime_testkit import runtime_bundle
 
     return runtime_bundle(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def runtime(tmp_path_factory) -> Any:
+    from server_testkit import shared_runtime
+
+    return shared_runtime(tmp_path_factory)
+
+
+@pytest.fixture
+def make_client(runtime) -> Any:
+    from server_testkit import app_clients
+
+    with app_clients(runtime) as make:
+        yield make
+
+
+@pytest.fixture
+def client(make_client) -> Any:
+    return make_client()

@@ -11,34 +11,16 @@ import pytest
 from server_testkit import (
     CAP,
     PROMPT,
-    app_clients,
     chat_body,
     data_url,
     greedy,
     live_server,
     metric,
     phantom_png,
-    shared_runtime,
     sse_events,
 )
 
 from cxrlite.server import ServerSettings, create_app
-
-
-@pytest.fixture(scope="module")
-def runtime(tmp_path_factory):
-    return shared_runtime(tmp_path_factory)
-
-
-@pytest.fixture
-def make_client(runtime):
-    with app_clients(runtime) as make:
-        yield make
-
-
-@pytest.fixture
-def client(make_client):
-    return make_client()
 
 
 def test_health_models_page_and_openapi(client, runtime):

@@ -15,32 +15,14 @@ from server_testkit import (
     CAP,
     PROMPT,
     WAIT_S,
-    app_clients,
     chat_body,
     gated,
     live_server,
     phantom_png,
-    shared_runtime,
     sse_events,
 )
 
 from cxrlite.server import ServerSettings, create_app
-
-
-@pytest.fixture(scope="module")
-def runtime(tmp_path_factory):
-    return shared_runtime(tmp_path_factory)
-
-
-@pytest.fixture
-def make_client(runtime):
-    with app_clients(runtime) as make:
-        yield make
-
-
-@pytest.fixture
-def client(make_client):
-    return make_client()
 
 
 def test_full_queue_answers_503_with_retry_after(runtime):

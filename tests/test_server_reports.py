@@ -3,27 +3,10 @@ and a report past its deadline cancelled between two tokens."""
 
 from __future__ import annotations
 
-import pytest
-from server_testkit import WAIT_S, app_clients, gated, phantom_dicom, phantom_png, shared_runtime
+from server_testkit import WAIT_S, gated, phantom_dicom, phantom_png
 
 from cxrlite.data.labels import CHEXPERT_OBSERVATIONS
 from cxrlite.imaging.decode import load_image
-
-
-@pytest.fixture(scope="module")
-def runtime(tmp_path_factory):
-    return shared_runtime(tmp_path_factory)
-
-
-@pytest.fixture
-def make_client(runtime):
-    with app_clients(runtime) as make:
-        yield make
-
-
-@pytest.fixture
-def client(make_client):
-    return make_client()
 
 
 def test_reports_route_for_png_and_dicom(client, runtime):

@@ -6,34 +6,15 @@ from __future__ import annotations
 
 import logging
 
-import pytest
 from server_testkit import (
     PROMPT,
-    app_clients,
     chat_body,
     metric,
     phantom_dicom,
     phantom_png,
-    shared_runtime,
 )
 
 from cxrlite.server.security import exposure_warning
-
-
-@pytest.fixture(scope="module")
-def runtime(tmp_path_factory):
-    return shared_runtime(tmp_path_factory)
-
-
-@pytest.fixture
-def make_client(runtime):
-    with app_clients(runtime) as make:
-        yield make
-
-
-@pytest.fixture
-def client(make_client):
-    return make_client()
 
 
 def test_api_key_guards_everything_but_health_and_page(make_client):

@@ -55,7 +55,7 @@ def import_gptqmodel() -> Any:
     except ImportError as e:
         raise GPTQError(
             "GPTQ needs GPTQModel: pip install gptqmodel==7.6.0 with torch pinned to the installed "
-            f"version (see cxrlite.quantize.gptq) ({e})"
+            f"version (scripts/install_gptq.sh) ({e})"
         ) from None
     return gptqmodel
 

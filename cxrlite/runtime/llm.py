@@ -11,7 +11,7 @@ returns each answer token's log-probability (multiple choice, perplexity).
 - `LlamaCppBackend`: a GGUF through `cxrlite.runtime.llamacpp.LlamaCppLLM` (embeddings enter through
   `llama_batch.embd`); GPU offload with `n_gpu_layers` when the llama.cpp build has it.
 - `TorchLLMBackend`: a transformers LlamaForCausalLM with `inputs_embeds` and a KV cache: the
-  PyTorch reference (`CXRVLM.llm`) or a GPTQ model (`cxrlite.quantize.gptq.load_gptq_llm`).
+  PyTorch reference (`CXRVLM.llm`) or a GPTQ model (`cxrlite.runtime.gptq.load_gptq_llm`).
 
 No backend is thread-safe (one KV cache each): the engine serializes them.
 """

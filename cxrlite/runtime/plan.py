@@ -44,7 +44,7 @@ class Hardware:
     llama_cpp: bool = False
     llama_gpu_offload: bool = False
     gptqmodel: bool = False
-    trt_gpu: dict[str, Any] | None = None  # cxrlite.export.tensorrt.current_gpu(), if usable
+    trt_gpu: dict[str, Any] | None = None  # cxrlite.runtime.tensorrt_runner.current_gpu(), if usable
     trt_error: str | None = None  # why TensorRT cannot run here
 
 
@@ -158,7 +158,7 @@ def _available(backend: str, hw: Hardware) -> tuple[bool, str]:
     if backend == "llama.cpp" and not hw.llama_cpp:
         return False, "llama-cpp-python is not installed (pip install llama-cpp-python)"
     if backend == "gptq" and not hw.gptqmodel:
-        return False, "GPTQModel is not installed (see cxrlite.quantize.gptq)"
+        return False, "GPTQModel is not installed (scripts/install_gptq.sh installs it)"
     return True, ""
 
 

@@ -1,7 +1,7 @@
 """Vision backends: preprocessed pixels float32 [B, C, H, W] -> image embeddings [B, n, n_embd].
 
 - `OnnxVision`: any ONNX variant of the bundle through onnxruntime (CUDA/CPU providers as
-  `cxrlite.export.onnx.default_providers` orders them; TensorRT's provider when asked for).
+  `cxrlite.runtime.onnx_runner.default_providers` orders them; TensorRT's provider when asked for).
 - `TensorRTVision`: a prebuilt engine, only where `engine_matches` says it was built for this GPU.
 - `TorchVision`: the PyTorch reference (the checkpoint's vision encoder + bridger).
 
@@ -80,7 +80,7 @@ class TensorRTVision:
 
 
 class TorchVision:
-    """`tower` is anything with `encode_image` (a CXRVLM, or export.onnx.VisionTower)."""
+    """`tower` is anything with `encode_image` (a CXRVLM, or cxrlite.model.vlm.VisionTower)."""
 
     def __init__(self, tower: Any, name: str = "torch-fp32", device: str | None = None) -> None:
         import torch
