@@ -111,6 +111,7 @@ def open_llm_spec(
         threads=threads,
         n_gpu_layers=n_gpu_layers,
         reference_llm=reference,
+        device=device,
     )
 
 

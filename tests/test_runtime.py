@@ -409,3 +409,12 @@ def test_gptq_backend_generates_and_scores(runtime_built, tmp_path, monkeypatch)
     assert len(result.tokens) == 8 and all(0 <= t < runtime.llm.n_vocab for t in result.tokens)
     scores = runtime.option_logprobs("Is there edema?", ["yes", "no"], random_pixels(0))
     assert all(np.isfinite(scores)) and all(s < 0 for s in scores)
+    # cxrlite bench opens the same backend on the device it resolved
+    from cxrlite.bench.backends import open_llm_spec
+    from cxrlite.bundle import load_bundle
+
+    bench_llm = open_llm_spec(
+        load_bundle(copy), "gptq-4bit", n_ctx=128, threads=1, n_gpu_layers=0, checkpoint=None,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    assert bench_llm.name == "gptq-4bit" and bench_llm.device == "cpu"
