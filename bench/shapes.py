@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxrlite.bundle import Key, Kind, variant_entry
 from cxrlite.errors import CxrliteError
 from cxrlite.model.config import ModelConfig, get_preset
 
@@ -219,18 +220,18 @@ def _vision_builder(ckpt: Path, names: Sequence[str]):
         if "onnx-int8" in names:
             made["onnx-int8"] = ox.quantize_onnx_int8(fp32, folder / "vision-int8.onnx")
         variants = {
-            name: {
-                "file": path.relative_to(staging).as_posix(),
-                "kind": "onnx",
-                "dtype": ox.onnx_precision(path),
-                "size": path.stat().st_size,
-                "parity": None,
-                "random_weights": True,
-            }
+            name: variant_entry(
+                path.relative_to(staging).as_posix(),
+                Kind.ONNX,
+                ox.onnx_precision(path),
+                path.stat().st_size,
+                parity=None,
+                random_weights=True,
+            )
             for name, path in made.items()
             if name in names or name == "onnx-fp32"
         }
-        return {"vision": variants, "default": {"vision": "onnx-fp32"}}
+        return {Key.VISION: variants, Key.DEFAULT: {Key.VISION: "onnx-fp32"}}
 
     return build
 
@@ -238,9 +239,9 @@ def _vision_builder(ckpt: Path, names: Sequence[str]):
 def _f16_builder(cfg: ModelConfig, ckpt: Path, seed: int):
     def build(staging: Path) -> dict[str, Any]:
         rel = "llm/llm-f16.gguf"
-        write_random_gguf(cfg, ckpt, staging / rel, seed)
-        entry = {"file": rel, "kind": "gguf", "dtype": "f16", "random_weights": True}
-        return {"llm": {"gguf-f16": entry}, "default": {"llm": "gguf-f16"}}
+        path = write_random_gguf(cfg, ckpt, staging / rel, seed)
+        entry = variant_entry(rel, Kind.GGUF, "f16", path.stat().st_size, random_weights=True)
+        return {Key.LLM: {"gguf-f16": entry}, Key.DEFAULT: {Key.LLM: "gguf-f16"}}
 
     return build
 
@@ -252,15 +253,13 @@ def _quant_builder(source: Path | None, qtype: str):
         src = source if source is not None else staging / "llm/llm-f16.gguf"
         rel = f"llm/llm-{qtype}.gguf"
         out = quantize_gguf(src, staging / rel, qtype)
-        entry = {
-            "file": rel,
-            "kind": "gguf",
-            "dtype": qtype,
-            "from": "llm/llm-f16.gguf",
-            "tensor_types": gguf_tensor_types(out),
-            "random_weights": True,
-        }
-        return {"llm": {f"gguf-{qtype}": entry}, "default": {"llm": f"gguf-{qtype}"}}
+        entry = variant_entry(
+            rel, Kind.GGUF, qtype, out.stat().st_size,
+            **{"from": "llm/llm-f16.gguf"},
+            tensor_types=gguf_tensor_types(out),
+            random_weights=True,
+        )  # fmt: skip
+        return {Key.LLM: {f"gguf-{qtype}": entry}, Key.DEFAULT: {Key.LLM: f"gguf-{qtype}"}}
 
     return build
 
@@ -310,7 +309,7 @@ def build_shape_bundle(
         bundle = update_bundle(bundle_dir, _vision_builder(ckpt, names), verify="size")
     for qtype in qtypes:
         if f"gguf-{qtype}" not in bundle.llm_variants:
-            source = bundle.variant_file("llm", "gguf-f16")
+            source = bundle.variant_file(Key.LLM, "gguf-f16")
             bundle = update_bundle(bundle_dir, _quant_builder(source, qtype), verify="size")
     return bundle_dir
 

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cxrlite.bundle import Key, Kind, variant_entry
+
 
 def gguf_builder(
     ckpt_dir: Path, dtype: str, check_parity: bool = True
@@ -22,9 +24,7 @@ def gguf_builder(
         path = write_gguf(ckpt_dir, staging / rel, dtype=dtype)
         parity = gguf_parity(ckpt_dir, path) if check_parity else None
         name = f"gguf-{dtype}"
-        return {
-            "llm": {name: {"file": rel, "kind": "gguf", "dtype": dtype, "parity": parity}},
-            "default": {"llm": name},
-        }
+        entry = variant_entry(rel, Kind.GGUF, dtype, path.stat().st_size, parity=parity)
+        return {Key.LLM: {name: entry}, Key.DEFAULT: {Key.LLM: name}}
 
     return build

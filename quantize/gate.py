@@ -108,6 +108,6 @@ def gate_and_record(
     quality = gate_variants(bundle_dir, names, checkpoint, n, max_drop, force, threads)
     best = best_default(bundle, quality)
     bundle = update_bundle(
-        bundle_dir, lambda staging: {"quality": quality, "default": {"llm": best}}
+        bundle_dir, lambda staging: {Key.QUALITY: quality, Key.DEFAULT: {Key.LLM: best}}
     )
     return bundle, quality

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cxrlite.bundle import Variant
+from cxrlite.bundle import Key, Kind, Variant, variant_entry
 from cxrlite.errors import CxrliteError
 
 logger = logging.getLogger(__name__)
@@ -73,15 +73,13 @@ def gguf_variant_builder(bundle: Any, qtype: str, imatrix: dict | None) -> Build
         source = source_gguf(bundle)
         rel = f"llm/llm-{qtype}.gguf"
         out = quantize_gguf(bundle.file(source.file), staging / rel, qtype, imatrix=imatrix)
-        entry = {
-            "file": rel,
-            "kind": "gguf",
-            "dtype": qtype,
-            "from": source.file,
-            "tensor_types": gguf_tensor_types(out),
-            "imatrix": imatrix is not None,
-        }
-        return {"llm": {f"gguf-{qtype}": entry}}
+        entry = variant_entry(
+            rel, Kind.GGUF, qtype, out.stat().st_size,
+            **{"from": source.file},
+            tensor_types=gguf_tensor_types(out),
+            imatrix=imatrix is not None,
+        )  # fmt: skip
+        return {Key.LLM: {f"gguf-{qtype}": entry}}
 
     return add
 
@@ -111,15 +109,12 @@ def gptq_variant_builder(
             act_order=act_order,
             device=device,
         )
-        entry = {
-            "file": rel,
-            "kind": "gptq",
-            "dtype": f"int{bits}",
-            "group_size": group_size,
-            "act_order": act_order,
-            "format_check": gptq_format_check(out),
-        }
-        return {"llm": {f"gptq-{bits}bit": entry}}
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        entry = variant_entry(
+            rel, Kind.GPTQ, f"int{bits}", size,
+            group_size=group_size, act_order=act_order, format_check=gptq_format_check(out),
+        )  # fmt: skip
+        return {Key.LLM: {f"gptq-{bits}bit": entry}}
 
     return add
 

@@ -44,7 +44,9 @@ class Hardware:
     llama_cpp: bool = False
     llama_gpu_offload: bool = False
     gptqmodel: bool = False
-    trt_gpu: dict[str, Any] | None = None  # cxrlite.runtime.tensorrt_runner.current_gpu(), if usable
+    trt_gpu: dict[str, Any] | None = (
+        None  # cxrlite.runtime.tensorrt_runner.current_gpu(), if usable
+    )
     trt_error: str | None = None  # why TensorRT cannot run here
 
 
