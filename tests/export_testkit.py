@@ -28,12 +28,15 @@ def report_corpus() -> list[str]:
 
 
 def make_checkpoint(
-    root: Path, bridger: str = "mlp", *, tokenizer: Any = None, **overrides: Any
+    root: Path, bridger: str | dict = "mlp", *, tokenizer: Any = None, **overrides: Any
 ) -> tuple[CXRVLM, Path]:
     """A tiny checkpoint whose weights are perturbed away from their init (a trained model's
-    scale), saved under root/ckpt-<bridger>. `overrides` go to the tiny preset; without a
-    `tokenizer`, one is trained on `report_corpus` under root/tok-<bridger>."""
-    cfg = get_preset("tiny", bridger={"kind": bridger}, **overrides)
+    scale), saved under root/ckpt-<bridger kind>. `bridger` is a kind or the bridger's fields;
+    `overrides` go to the tiny preset; without a `tokenizer`, one is trained on `report_corpus`
+    under root/tok-<bridger kind>."""
+    fields = {"kind": bridger} if isinstance(bridger, str) else dict(bridger)
+    bridger = fields.get("kind", "mlp")
+    cfg = get_preset("tiny", bridger=fields, **overrides)
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg, root / f"tok-{bridger}", corpus=report_corpus())
     cfg = bind_tokenizer(cfg, tokenizer)

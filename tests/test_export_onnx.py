@@ -136,3 +136,21 @@ def test_weights_can_live_beside_the_graph(exported, batches, tmp_path):
     assert validate_vision_onnx(out, model, batches)["passed"] is True
     fp16 = convert_onnx_fp16(out, tmp_path / "half" / "v16.onnx")
     assert validate_vision_onnx(fp16, model, batches)["passed"] is True
+
+
+def test_dinov2_tower_with_normed_features_and_deep_projector_exports(tmp_path):
+    """The MAIRA-2 layout's parts (DINOv2, final norm on the features, a 4-layer projector) in
+    one graph, at batch 1 and 2, fp32 and fp16."""
+    from export_testkit import make_checkpoint
+
+    model, ckpt = make_checkpoint(
+        tmp_path, vision={"kind": "dinov2", "feature_norm": True, "num_channels": 3},
+        bridger={"kind": "mlp", "mlp_layers": 4},
+        preprocess={"image_size": 64, "channels": 3, "mean": 0.5, "std": 0.5},
+    )  # fmt: skip
+    batches = split_batches(phantom_pixels(model.cfg, n=3))
+    fp32 = export_vision_onnx(ckpt, tmp_path / "vision.onnx")
+    report = validate_vision_onnx(fp32, model, batches)
+    assert report["passed"] and report["max_abs_diff"] <= FP32_MAX_ABS_DIFF
+    fp16 = convert_onnx_fp16(fp32, tmp_path / "vision-fp16.onnx")
+    assert validate_vision_onnx(fp16, model, batches)["passed"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -126,6 +127,7 @@ def test_count_parameters_of_real_shapes():
         {"bridger": {"kind": "qformer"}},
         {"vision": {"kind": "clip"}, "llm": {"tie_word_embeddings": False}},
         {"vision": {"use_head": True}},
+        {"vision": {"kind": "dinov2", "feature_norm": True}, "bridger": {"mlp_layers": 4}},
     ],
 )
 def test_count_parameters_equals_built_model(tokenizer, overrides):
@@ -153,6 +155,27 @@ def test_forward_shapes(tokenizer, kind):
     assert torch.isfinite(out.loss) and 4.0 < out.loss.item() < 8.0  # ~ln(384) at init
     out.loss.backward()
     assert model.bridger.parameters().__next__().grad is not None
+
+
+def test_dinov2_features_are_transformers_own_normed_output_without_cls(tokenizer):
+    """feature_norm + last layer = Dinov2Model's last_hidden_state (its final LayerNorm applied),
+    CLS dropped; without feature_norm the raw hidden state of the chosen layer."""
+    model, cfg = make(tokenizer, vision={"kind": "dinov2", "feature_norm": True})
+    pixels = batch(tokenizer, cfg)["pixels"]
+    with torch.no_grad():
+        out = model.vision(pixel_values=pixels)
+        assert torch.allclose(
+            model.encode_image(pixels), model.bridger(out.last_hidden_state[:, 1:])
+        )
+        raw = model.vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        plain = CXRVLM(
+            cfg.replace(
+                vision=dataclasses.replace(cfg.vision, feature_norm=False, feature_layer=-2)
+            )
+        )
+        plain.load_state_dict(model.state_dict())
+        assert torch.allclose(plain.encode_image(pixels), model.bridger(raw[:, 1:]))
+    assert cfg.n_image_tokens == cfg.vision.n_patches == 16
 
 
 def test_image_merge_replaces_only_image_positions(tokenizer):
@@ -204,6 +227,7 @@ def test_generate_is_greedy(tokenizer):
             "vision": {"kind": "clip"},
             "llm": {"tie_word_embeddings": False},
         },
+        {"vision": {"kind": "dinov2", "feature_layer": -2}, "bridger": {"mlp_layers": 3}},
     ],
 )
 def test_save_load_round_trip(tokenizer, tmp_path, overrides):

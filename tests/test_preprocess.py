@@ -148,3 +148,51 @@ def test_decoded_dicom_to_model_input():
     assert out.shape == (3, 32, 32)
     assert np.all(out[:, :8] == -1.0) and np.all(out[:, 24:] == -1.0)  # 2:1 padding
     assert out[:, 8:24].max() <= 1.0 and out[:, 8:24].min() >= -1.0
+
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@pytest.mark.parametrize("shape", [(90, 120), (120, 90), (77, 77)])
+def test_crop_mode_matches_transformers_clip_image_processor(shape):
+    """resize="crop" + bicubic + per-channel mean/std is what CLIPImageProcessor does to an RGB
+    image (shortest edge, centre crop): the same pixels but for its 8-bit rounding."""
+    from transformers import CLIPImageProcessor
+
+    # A radiograph's smooth densities (noise-free: on pixel noise, Pillow's 8-bit bicubic clamps
+    # between its two passes and the float one does not)
+    y, x = np.mgrid[0 : shape[0], 0 : shape[1]] / max(shape)
+    smooth = 0.5 + 0.3 * np.sin(6 * x) * np.cos(4 * y) + 0.15 * np.exp(-((x - 0.4) ** 2) * 20)
+    gray8 = np.rint(np.clip(smooth, 0, 1) * 255).astype(np.uint8)
+    cfg = PreprocessConfig(
+        image_size=64, channels=3, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+        resize="crop", interpolation="bicubic",
+    )  # fmt: skip
+    ours = preprocess(gray8.astype(np.float32) / 255.0, cfg)
+    hf = CLIPImageProcessor(
+        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
+    )  # fmt: skip
+    theirs = hf(images=Image.fromarray(gray8).convert("RGB"), return_tensors="np")["pixel_values"]
+    assert theirs.shape == (1, 3, 64, 64) and ours.shape == (3, 64, 64)
+    # their 8-bit rounding after each resize pass: about a level, over std ~0.27
+    assert np.abs(ours - theirs[0]).max() < 1.5 / 255 / 0.26
+
+
+def test_minmax_stretches_each_image_and_config_round_trips():
+    cfg = PreprocessConfig(image_size=16, channels=1, mean=0.5, std=0.5, minmax=True)
+    dim = np.full((16, 16), 0.4, np.float32)
+    dim[:8] = 0.6
+    out = preprocess(dim, cfg)
+    assert out.min() == pytest.approx(-1.0) and out.max() == pytest.approx(1.0)
+    rgb = PreprocessConfig(channels=3, mean=[0.1, 0.2, 0.3], std=(1, 2, 3), resize="crop")
+    assert PreprocessConfig.from_dict(rgb.to_dict()) == rgb and rgb.to_dict()["mean"] == [
+        0.1,
+        0.2,
+        0.3,
+    ]
+    with pytest.raises(ValueError, match="2 values for 3 channels"):
+        PreprocessConfig(channels=3, mean=(0.5, 0.5))
+    with pytest.raises(ValueError, match="resize must be one of"):
+        PreprocessConfig(resize="stretch")

@@ -147,7 +147,7 @@ def _report_label_f1(module: torch.nn.Module, dataset, pad_id: int, device: torc
     for start in range(0, len(dataset), 16):
         b = collate([dataset[i] for i in range(start, min(start + 16, len(dataset)))], pad_id)
         outputs = module.vision(pixel_values=b["pixels"].to(device), output_hidden_states=True)
-        patches = select_features(outputs, module.vision_cfg)
+        patches = select_features(module.vision, outputs, module.vision_cfg)
         preds.append(report_label_logits(module.text.label_head, patches).cpu() > 0)
         targets.append(b["report_labels"] > 0.5)
     module.train(training)

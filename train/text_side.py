@@ -144,7 +144,7 @@ class VisionPretrainer(nn.Module):
     ) -> dict[str, torch.Tensor]:
         dtype = next(self.vision.parameters()).dtype
         outputs = self.vision(pixel_values=pixels.to(dtype), output_hidden_states=True)
-        patches = select_features(outputs, self.vision_cfg)
+        patches = select_features(self.vision, outputs, self.vision_cfg)
         contrastive = siglip_loss(
             self.text.image_embedding(patches),
             self.text.text_embedding(input_ids, attention_mask),

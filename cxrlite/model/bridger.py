@@ -1,8 +1,8 @@
 """Bridgers: map vision patch features [B, P, Dv] to LLM input embeddings [B, N, Dl].
 
-MLPBridger is LLaVA's projector (one image token per patch); its parameter names match
-LlavaMultiModalProjector (linear_1 / linear_2), so export to LlavaForConditionalGeneration is a
-rename. QFormerBridger is BLIP-2's Q-Former (CheXagent): learned queries cross-attend to the
+MLPBridger is LLaVA's projector (one image token per patch): Linear layers with GELU between, 2 of
+them as LLaVA-1.5's mlp2x_gelu (parameter names match LlavaMultiModalProjector's linear_1 /
+linear_2, so export to LlavaForConditionalGeneration is a rename), 4 as MAIRA-2's. QFormerBridger is BLIP-2's Q-Former (CheXagent): learned queries cross-attend to the
 patches, so an image costs `num_queries` LLM positions whatever the patch count — less prefill.
 """
 
@@ -15,16 +15,21 @@ from cxrlite.model.config import BridgerConfig
 
 
 class MLPBridger(nn.Module):
-    """Linear -> GELU -> Linear, as LLaVA-1.5's `mlp2x_gelu` projector."""
+    """linear_1 -> GELU -> linear_2 (-> GELU -> linear_3 ...): vision width in, LLM width out."""
 
-    def __init__(self, vision_width: int, llm_width: int) -> None:
+    def __init__(self, vision_width: int, llm_width: int, n_layers: int = 2) -> None:
         super().__init__()
-        self.linear_1 = nn.Linear(vision_width, llm_width)
+        self.n_layers = n_layers
         self.act = nn.GELU()  # exact erf GELU = transformers' "gelu", which LLaVA configs name
-        self.linear_2 = nn.Linear(llm_width, llm_width)
+        for k in range(1, n_layers + 1):
+            width_in = vision_width if k == 1 else llm_width
+            setattr(self, f"linear_{k}", nn.Linear(width_in, llm_width))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(features)))
+        x = self.linear_1(features)
+        for k in range(2, self.n_layers + 1):
+            x = getattr(self, f"linear_{k}")(self.act(x))
+        return x
 
 
 class QFormerBridger(nn.Module):
@@ -60,4 +65,4 @@ class QFormerBridger(nn.Module):
 def build_bridger(cfg: BridgerConfig, vision_width: int, llm_width: int) -> nn.Module:
     if cfg.kind == "qformer":
         return QFormerBridger(cfg, vision_width, llm_width)
-    return MLPBridger(vision_width, llm_width)
+    return MLPBridger(vision_width, llm_width, cfg.mlp_layers)

@@ -14,7 +14,32 @@ from typing import Any
 
 from cxrlite.imaging.preprocess import PreprocessConfig
 
-VISION_KINDS = ("siglip", "clip")
+
+@dataclass(frozen=True)
+class VisionFamily:
+    """A ViT family transformers implements: its classes, and what its outputs hold."""
+
+    config_class: str
+    model_class: str
+    model_types: tuple[str, ...]  # config.json model_type values of local folders
+    has_cls: bool  # a CLS token leads the sequence (LLaVA's "default" strategy drops it)
+    final_norm: str  # attribute path of the encoder's last LayerNorm
+
+
+# kind -> family. A new ViT family is a row here (and its parameter count below).
+VISION_FAMILIES = {
+    "siglip": VisionFamily(
+        "SiglipVisionConfig", "SiglipVisionModel", ("siglip_vision_model", "siglip"), False,
+        "vision_model.post_layernorm",
+    ),
+    "clip": VisionFamily(
+        "CLIPVisionConfig", "CLIPVisionModel", ("clip_vision_model", "clip"), True,
+        "vision_model.post_layernorm",
+    ),
+    # DINOv2 (RAD-DINO, LLaVA-Rad's BiomedCLIP-CXR trunk): LayerScale, no pooling head.
+    "dinov2": VisionFamily("Dinov2Config", "Dinov2Model", ("dinov2",), True, "layernorm"),
+}  # fmt: skip
+VISION_KINDS = tuple(VISION_FAMILIES)
 BRIDGER_KINDS = ("mlp", "qformer")
 PROMPT_TEMPLATES = ("cxr-chat-v1",)
 DEFAULT_IMAGE_TOKEN = "<image>"
@@ -61,6 +86,9 @@ class VisionConfig:
     # Index into hidden_states (0 = patch embeddings). LLaVA reads the penultimate layer (-2) of a
     # pretrained tower; a tower trained from scratch here uses its last layer (-1).
     feature_layer: int = -1
+    # Apply the encoder's final LayerNorm to the selected features (MAIRA-2 reads DINOv2's
+    # normed last_hidden_state); LLaVA-style models read the raw hidden state.
+    feature_norm: bool = False
     # SigLIP's attention-pooling head; LLaVA-style models never read it.
     use_head: bool = False
     # None: transformers' default for the kind (SigLIP gelu_pytorch_tanh, CLIP quick_gelu)
@@ -85,6 +113,11 @@ class VisionConfig:
             self.hidden_size % self.num_heads == 0,
             f"VisionConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
         )
+        _require(
+            self.kind != "dinov2" or self.intermediate_size % self.hidden_size == 0,
+            f"VisionConfig: DINOv2's MLP width is a whole multiple of hidden_size "
+            f"({self.hidden_size}), got intermediate_size {self.intermediate_size}",
+        )
         # hidden_states has num_layers + 1 entries (embeddings first); 0 would be raw patches.
         _require(
             -self.num_layers <= self.feature_layer <= self.num_layers and self.feature_layer != 0,
@@ -98,8 +131,8 @@ class VisionConfig:
 
     @property
     def select_strategy(self) -> str:
-        """LLaVA's name for what is kept: CLIP drops its CLS token ("default"), SigLIP has none."""
-        return "default" if self.kind == "clip" else "full"
+        """LLaVA's name for what is kept: a CLS token is dropped ("default"); SigLIP has none."""
+        return "default" if VISION_FAMILIES[self.kind].has_cls else "full"
 
 
 @dataclass(frozen=True)
@@ -107,6 +140,8 @@ class BridgerConfig:
     """MLP projector (LLaVA) or Q-Former with learned queries (BLIP-2 / CheXagent)."""
 
     kind: str = "mlp"
+    # Linear layers of the MLP projector, GELU between: 2 is LLaVA-1.5's mlp2x_gelu, 4 MAIRA-2's.
+    mlp_layers: int = 2
     num_queries: int = 8
     num_layers: int = 2
     num_heads: int = 4
@@ -118,6 +153,7 @@ class BridgerConfig:
             self.kind in BRIDGER_KINDS,
             f"BridgerConfig.kind must be one of {BRIDGER_KINDS}, got {self.kind!r}",
         )
+        _positive(self, "mlp_layers")
         if self.kind == "qformer":
             _positive(
                 self, "num_queries", "num_layers", "num_heads", "hidden_size", "intermediate_size"
@@ -326,6 +362,10 @@ def _vision_parameters(v: VisionConfig) -> int:
         # no conv bias; CLS embedding and its position; pre- and post-LayerNorm
         embeddings = patch + h + (v.n_patches + 1) * h
         return embeddings + v.num_layers * layer + 2 * (2 * h)
+    if v.kind == "dinov2":
+        # conv bias; CLS and mask tokens; positions with CLS; two LayerScales a layer; final norm
+        embeddings = patch + h + 2 * h + (v.n_patches + 1) * h
+        return embeddings + v.num_layers * (layer + 2 * h) + 2 * h
     embeddings = patch + h + v.n_patches * h
     head = 0
     if v.use_head:  # probe + nn.MultiheadAttention + LayerNorm + MLP
@@ -335,7 +375,8 @@ def _vision_parameters(v: VisionConfig) -> int:
 
 def _bridger_parameters(b: BridgerConfig, vision_width: int, llm_width: int) -> int:
     if b.kind == "mlp":
-        return (vision_width * llm_width + llm_width) + (llm_width * llm_width + llm_width)
+        first = vision_width * llm_width + llm_width
+        return first + (b.mlp_layers - 1) * (llm_width * llm_width + llm_width)
     h, i = b.hidden_size, b.intermediate_size
     self_attn = 4 * (h * h + h) + 2 * h
     cross_attn = 2 * (h * h + h) + 2 * (vision_width * h + h) + 2 * h

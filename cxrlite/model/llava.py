@@ -46,9 +46,10 @@ def export_llava(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
     from cxrlite.model.tokenizer import load_tokenizer, save_tokenizer
 
     cfg = load_config(ckpt_dir)
-    if cfg.bridger.kind != "mlp":
+    if cfg.bridger.kind != "mlp" or cfg.bridger.mlp_layers != 2:
         raise ValueError(
-            f"LLaVA has an MLP projector; {ckpt_dir} uses a {cfg.bridger.kind} bridger"
+            f"LLaVA has a 2-layer MLP projector; {ckpt_dir} uses a {cfg.bridger.kind} bridger"
+            + (f" of {cfg.bridger.mlp_layers} layers" if cfg.bridger.kind == "mlp" else "")
         )
     if cfg.image_token_id is None:
         raise CheckpointError(f"{ckpt_dir}: config has no image_token_id")

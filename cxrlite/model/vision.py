@@ -1,4 +1,5 @@
-"""The vision encoder: transformers' SigLIP or CLIP vision tower, random or from a local folder."""
+"""The vision encoder: a transformers ViT (SigLIP, CLIP or DINOv2; `VISION_FAMILIES`), random or
+from a local folder."""
 
 from __future__ import annotations
 
@@ -11,23 +12,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxrlite.model.config import VisionConfig
+from cxrlite.model.config import VISION_FAMILIES, VisionConfig
 
 logger = logging.getLogger(__name__)
 
 # model_type in a folder's config.json -> our kind; full CLIP/SigLIP checkpoints hold a vision part.
-_KIND_BY_MODEL_TYPE = {
-    "siglip_vision_model": "siglip",
-    "siglip": "siglip",
-    "clip_vision_model": "clip",
-    "clip": "clip",
-}
+_KIND_BY_MODEL_TYPE = {t: kind for kind, f in VISION_FAMILIES.items() for t in f.model_types}
+
+
+def _transformers(name: str) -> Any:
+    import transformers
+
+    return getattr(transformers, name)
 
 
 def hf_vision_config(cfg: VisionConfig) -> Any:
-    """The transformers config (SiglipVisionConfig / CLIPVisionConfig) for these shapes."""
-    from transformers import CLIPVisionConfig, SiglipVisionConfig
-
+    """The transformers config of the family (SiglipVisionConfig, CLIPVisionConfig,
+    Dinov2Config) for these shapes."""
     shapes = dict(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -35,15 +36,18 @@ def hf_vision_config(cfg: VisionConfig) -> Any:
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size,
     )
     if cfg.layer_norm_eps is not None:
         shapes["layer_norm_eps"] = cfg.layer_norm_eps
     if cfg.hidden_act is not None:
         shapes["hidden_act"] = cfg.hidden_act
-    if cfg.kind == "clip":
-        return CLIPVisionConfig(**shapes)
-    return SiglipVisionConfig(vision_use_head=cfg.use_head, **shapes)
+    if cfg.kind == "dinov2":  # the MLP width is a ratio of the hidden size there
+        shapes["mlp_ratio"] = cfg.intermediate_size // cfg.hidden_size
+    else:
+        shapes["intermediate_size"] = cfg.intermediate_size
+    if cfg.kind == "siglip":
+        shapes["vision_use_head"] = cfg.use_head
+    return _transformers(VISION_FAMILIES[cfg.kind].config_class)(**shapes)
 
 
 def _read_folder_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -57,7 +61,8 @@ def _read_folder_config(path: str | os.PathLike) -> dict[str, Any]:
     kind = _KIND_BY_MODEL_TYPE.get(data.get("model_type", ""))
     if kind is None:
         raise ValueError(
-            f"{config_file}: model_type {data.get('model_type')!r} is not a SigLIP or CLIP vision model"
+            f"{config_file}: model_type {data.get('model_type')!r} is not a vision model cxrlite "
+            f"reads ({sorted(_KIND_BY_MODEL_TYPE)})"
         )
     if data["model_type"] in ("siglip", "clip"):
         data = {**data.get("vision_config", {}), "model_type": data["model_type"] + "_vision_model"}
@@ -66,15 +71,14 @@ def _read_folder_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def vision_config_from_pretrained(path: str | os.PathLike, feature_layer: int = -2) -> VisionConfig:
-    """A VisionConfig with the shapes of the SigLIP/CLIP model saved in a local folder."""
-    from transformers import CLIPVisionConfig, SiglipVisionConfig
-
+    """A VisionConfig with the shapes of the ViT saved in a local folder."""
     data = _read_folder_config(path)
-    hf_cls = CLIPVisionConfig if data["kind"] == "clip" else SiglipVisionConfig
+    hf_cls = _transformers(VISION_FAMILIES[data["kind"]].config_class)
     # Fill in transformers' defaults for fields the file leaves out.
     hf = hf_cls(
         **{k: v for k, v in data.items() if k not in ("kind", "model_type", "architectures")}
     )
+    intermediate = getattr(hf, "intermediate_size", None) or int(hf.hidden_size * hf.mlp_ratio)
     return VisionConfig(
         kind=data["kind"],
         image_size=int(hf.image_size),
@@ -83,7 +87,7 @@ def vision_config_from_pretrained(path: str | os.PathLike, feature_layer: int = 
         hidden_size=int(hf.hidden_size),
         num_layers=int(hf.num_hidden_layers),
         num_heads=int(hf.num_attention_heads),
-        intermediate_size=int(hf.intermediate_size),
+        intermediate_size=int(intermediate),
         feature_layer=feature_layer,
         use_head=bool(getattr(hf, "vision_use_head", False)) if data["kind"] == "siglip" else False,
         hidden_act=str(hf.hidden_act),
@@ -93,11 +97,9 @@ def vision_config_from_pretrained(path: str | os.PathLike, feature_layer: int = 
 
 
 def build_vision(cfg: VisionConfig, load_pretrained: bool = True) -> nn.Module:
-    """SiglipVisionModel / CLIPVisionModel: loaded from `cfg.pretrained` (a local folder) when set
+    """The family's transformers model: loaded from `cfg.pretrained` (a local folder) when set
     and `load_pretrained`, otherwise randomly initialised with cfg's shapes."""
-    from transformers import CLIPVisionModel, SiglipVisionModel
-
-    model_cls = CLIPVisionModel if cfg.kind == "clip" else SiglipVisionModel
+    model_cls = _transformers(VISION_FAMILIES[cfg.kind].model_class)
     if cfg.pretrained and load_pretrained:
         expected = vision_config_from_pretrained(cfg.pretrained, cfg.feature_layer)
         if expected.__dict__ != cfg.__dict__:
@@ -114,10 +116,13 @@ def build_vision(cfg: VisionConfig, load_pretrained: bool = True) -> nn.Module:
     return model
 
 
-def select_features(outputs: Any, cfg: VisionConfig) -> torch.Tensor:
-    """The patch features LLaVA feeds its projector: hidden state `cfg.feature_layer`, without
-    CLIP's CLS token ("default" strategy); SigLIP has no CLS ("full")."""
+def select_features(vision: nn.Module, outputs: Any, cfg: VisionConfig) -> torch.Tensor:
+    """The patch features a projector reads: hidden state `cfg.feature_layer` of the `vision`
+    model's `outputs`, through its final LayerNorm when `cfg.feature_norm`, without the CLS token
+    ("default" strategy; SigLIP has none: "full")."""
     features = outputs.hidden_states[cfg.feature_layer]
+    if cfg.feature_norm:
+        features = vision.get_submodule(VISION_FAMILIES[cfg.kind].final_norm)(features)
     if cfg.select_strategy == "default":
         features = features[:, 1:]
     return features

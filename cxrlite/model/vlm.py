@@ -31,7 +31,7 @@ class CXRVLM(nn.Module):
         """[B, C, H, W] normalised pixels -> [B, n_image_tokens, llm hidden] image embeddings."""
         dtype = next(self.vision.parameters()).dtype
         outputs = self.vision(pixel_values=pixels.to(dtype), output_hidden_states=True)
-        return self.bridger(select_features(outputs, self.cfg.vision))
+        return self.bridger(select_features(self.vision, outputs, self.cfg.vision))
 
     def embed_inputs(
         self,
