@@ -59,8 +59,11 @@ def _text_report(file: Path, result: dict[str, Any]) -> str:
         if value in ("positive", "uncertain"):
             groups.setdefault(value, []).append(name)
     labels = "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items()) or "none positive"
+    impression = result["impression"]
+    if impression is None:
+        impression = "(none: " + "; ".join(result.get("notes", [])) + ")"
     return (
-        f"{file}\n  FINDINGS: {result['findings']}\n  IMPRESSION: {result['impression']}\n"
+        f"{file}\n  FINDINGS: {result['findings']}\n  IMPRESSION: {impression}\n"
         f"  labels: {labels}\n  ({result['timings']['total_ms']:.0f} ms)"
     )
 

@@ -41,7 +41,13 @@ VISION_FAMILIES = {
 }  # fmt: skip
 VISION_KINDS = tuple(VISION_FAMILIES)
 BRIDGER_KINDS = ("mlp", "qformer")
-PROMPT_TEMPLATES = ("cxr-chat-v1",)
+# cxrlite's own chat format, and those of the published models cxrlite imports.
+PROMPT_TEMPLATES = ("cxr-chat-v1", "vicuna-v1")
+# How a rendered prompt becomes ids: in one call, the image token a special token of the
+# tokenizer ("whole"), or LLaVA's tokenizer_image_token: each chunk between image tokens
+# encoded on its own, one BOS, the image id put between ("chunks").
+PROMPT_ENCODINGS = ("whole", "chunks")
+REPORT_PARTS = ("findings", "impression")
 DEFAULT_IMAGE_TOKEN = "<image>"
 
 
@@ -231,6 +237,10 @@ class ModelConfig:
     # Set once a tokenizer is bound (cxrlite.model.tokenizer.bind_tokenizer).
     image_token_id: int | None = None
     prompt_template: str = "cxr-chat-v1"
+    prompt_encoding: str = "whole"
+    # The model's own report prompts ({"findings": text, "impression": text or None}); None uses
+    # cxrlite's (cxrlite.data.prompts). A None part is a task the model was not trained for.
+    report_prompts: dict[str, str | None] | None = None
 
     def __post_init__(self) -> None:
         for name, cls in (("vision", VisionConfig), ("bridger", BridgerConfig), ("llm", LLMConfig)):
@@ -242,10 +252,27 @@ class ModelConfig:
             f"ModelConfig.prompt_template must be one of {PROMPT_TEMPLATES}, got {self.prompt_template!r}",
         )
         _require(
-            self.image_token_id is None or 0 <= self.image_token_id < self.llm.vocab_size,
+            self.prompt_encoding in PROMPT_ENCODINGS,
+            f"ModelConfig.prompt_encoding must be one of {PROMPT_ENCODINGS}, "
+            f"got {self.prompt_encoding!r}",
+        )
+        # A chunk-encoded prompt may use an id past the vocabulary for the image (LLaVA's -200):
+        # its positions hold image embeddings and are never looked up.
+        id_limit = self.llm.vocab_size + (1 if self.prompt_encoding == "chunks" else 0)
+        _require(
+            self.image_token_id is None or 0 <= self.image_token_id < id_limit,
             f"ModelConfig.image_token_id {self.image_token_id} is outside the vocabulary "
             f"(size {self.llm.vocab_size})",
         )
+        if self.report_prompts is not None:
+            _require(
+                isinstance(self.report_prompts, dict)
+                and set(self.report_prompts) == set(REPORT_PARTS)
+                and isinstance(self.report_prompts["findings"], str)
+                and all(v is None or isinstance(v, str) for v in self.report_prompts.values()),
+                f"ModelConfig.report_prompts must give {REPORT_PARTS} (a findings prompt, an "
+                f"impression prompt or null), got {self.report_prompts!r}",
+            )
         pre = self.preprocess if self.preprocess is not None else default_preprocess(self.vision)
         pre = PreprocessConfig.from_dict(dict(pre)).to_dict()  # validates it
         _require(

@@ -51,6 +51,24 @@ CHAT_TEMPLATES = {
         "{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
     ),
+    # LLaVA's conv_vicuna_v1 (LLaVA-Rad): system prompt, "USER: <image>\n{text} ASSISTANT:".
+    "vicuna-v1": (
+        "{{ bos_token }}A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions. "
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}USER: "
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}{{ image_token }}{{ '\\n' }}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}{{ ' ' }}"
+        "{% elif message['role'] == 'assistant' %}ASSISTANT: "
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
+        "{{ eos_token }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    ),
 }
 
 
@@ -104,6 +122,24 @@ def format_prompt(template: Any, prompt: str, with_image: bool = True) -> str:
     return template.apply_chat_template(
         _messages(prompt, with_image), tokenize=False, add_generation_prompt=True
     )
+
+
+def encode_prompt_text(tokenizer: Any, text: str, cfg: ModelConfig) -> list[int]:
+    """Token ids of a rendered prompt (`format_prompt`), as the model's own code makes them:
+    `cfg.prompt_encoding` "whole" encodes it in one call (the image token is a special token);
+    "chunks" is LLaVA's tokenizer_image_token: one BOS, then each piece between image tokens
+    encoded on its own (its own SentencePiece prefix space), `cfg.image_token_id` between."""
+    if cfg.prompt_encoding == "whole":
+        return tokenizer.encode(text, add_special_tokens=False)
+    bos = tokenizer.bos_token or ""
+    body = text[len(bos) :] if bos and text.startswith(bos) else text
+    ids = [tokenizer.bos_token_id]
+    for i, chunk in enumerate(body.split(cfg.image_token)):
+        if i:
+            ids.append(cfg.image_token_id)
+        if chunk:
+            ids.extend(tokenizer.encode(chunk, add_special_tokens=False))
+    return ids
 
 
 def expand_image_tokens(

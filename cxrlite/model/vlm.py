@@ -43,9 +43,9 @@ class CXRVLM(nn.Module):
 
         Images fill the image-token runs in batch order, so `pixels` (or precomputed
         `image_embeds`, [n_images, n_image_tokens, hidden]) holds one image per run."""
-        embeds = self.llm.get_input_embeddings()(input_ids)
+        table = self.llm.get_input_embeddings()
         if image_embeds is None and pixels is None:
-            return embeds
+            return table(input_ids)
         if self.cfg.image_token_id is None:
             raise ValueError(
                 "ModelConfig.image_token_id is unset; bind a tokenizer to the config first"
@@ -53,6 +53,8 @@ class CXRVLM(nn.Module):
         if image_embeds is None:
             image_embeds = self.encode_image(pixels)
         mask = input_ids == self.cfg.image_token_id
+        # The image id may lie past the table (a chunk-encoded prompt's placeholder).
+        embeds = table(input_ids.masked_fill(mask, 0))
         n_positions, n_embeds = int(mask.sum()), image_embeds.shape[0] * image_embeds.shape[1]
         if n_positions != n_embeds:
             raise ValueError(

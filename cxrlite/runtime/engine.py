@@ -313,7 +313,7 @@ class Runtime:
 
     def prompt_ids(self, prompt: Prompt, with_image: bool) -> list[int]:
         """Token ids of the generation prompt, with one image token iff `with_image`."""
-        from cxrlite.model.tokenizer import format_prompt
+        from cxrlite.model.tokenizer import encode_prompt_text, format_prompt
 
         if isinstance(prompt, str):
             text = format_prompt(self.tokenizer, prompt, with_image)
@@ -321,7 +321,7 @@ class Runtime:
             text = self.tokenizer.apply_chat_template(
                 list(prompt), tokenize=False, add_generation_prompt=True
             )
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = encode_prompt_text(self.tokenizer, text, self.config)
         n_images = ids.count(self.image_token_id)
         if n_images != int(with_image):
             raise ValueError(

@@ -1,9 +1,11 @@
 """The report product: a study's findings, then its impression, then CheXpert labels of both.
 
-The impression is written from the generated findings (text only: stage 3's
+A cxrlite-trained model writes the impression from its generated findings (text only: stage 3's
 findings-summarization task) rather than from the image independently, so it cannot contradict
-the findings it summarizes; the report labeler turns both into the 14 coded observations that
-`cxrlite report`, `/v1/reports` and a structured report carry.
+the findings it summarizes. An imported model is asked with its own prompts
+(`ModelConfig.report_prompts`); where it has no impression task the impression is None and the
+report says so, rather than asking it something it was never trained for. The report labeler
+turns the text into the 14 coded observations that `cxrlite report` and `/v1/reports` carry.
 """
 
 from __future__ import annotations
