@@ -49,6 +49,9 @@ class Key:
     PROMPT = "prompt"
     TOKENIZER = "tokenizer"
     SOURCE = "source"
+    # Where a published model came from (name, licence, the sha256 of every source file); only
+    # bundles made by `cxrlite import` have it.
+    PROVENANCE = "provenance"
     FILES = "files"
     VISION = "vision"
     LLM = "llm"
@@ -206,6 +209,10 @@ class Bundle:
     @property
     def source(self) -> dict[str, Any]:
         return self.manifest.get(Key.SOURCE) or {}
+
+    @property
+    def provenance(self) -> dict[str, Any] | None:
+        return self.manifest.get(Key.PROVENANCE)
 
     @property
     def config(self) -> ModelConfig:

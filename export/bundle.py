@@ -153,10 +153,11 @@ def create_bundle(
     build: Builder | Sequence[Builder] | None = None,
     *,
     overwrite: bool = False,
+    provenance: dict[str, Any] | None = None,
 ) -> Bundle:
     """Build a bundle from a checkpoint: the base manifest, then each builder in turn, in a
     staging folder that replaces `out_dir` only once complete. `overwrite` replaces an existing
-    bundle (never a folder that is not one)."""
+    bundle (never a folder that is not one); `provenance` records a published model's origin."""
     ckpt, out = Path(ckpt_dir), Path(out_dir)
     if out.exists():
         is_bundle = (out / MANIFEST_FILE).is_file()
@@ -169,6 +170,8 @@ def create_bundle(
     staging = staging_dir(out.parent, f"{STAGING_PREFIX}{out.name}-")
     try:
         manifest = _base_manifest(ckpt, staging)
+        if provenance is not None:
+            manifest[Key.PROVENANCE] = provenance
         _run_builders(_as_list(build), staging, manifest, out)
         _settle_defaults(manifest)
         manifest[Key.FILES] = inventory(staging)
@@ -372,6 +375,7 @@ def export_bundle(
     timing_cache: str | os.PathLike | None = None,
     extra_builders: Sequence[Builder] = (),
     overwrite: bool = False,
+    provenance: dict[str, Any] | None = None,
 ) -> Bundle:
     """Export a checkpoint to a bundle: the vision variants (see `vision_builder`), then each of
     `extra_builders` (the LLM's GGUF, ...), all in one staging folder renamed into place."""
@@ -388,7 +392,9 @@ def export_bundle(
         max_batch=max_batch,
         timing_cache=timing_cache,
     )
-    return create_bundle(ckpt_dir, out_dir, [builder, *extra_builders], overwrite=overwrite)
+    return create_bundle(
+        ckpt_dir, out_dir, [builder, *extra_builders], overwrite=overwrite, provenance=provenance
+    )
 
 
 def add_tensorrt_engine(

@@ -62,16 +62,17 @@ def run_variant(
     max_tokens: int = 96,
     prompt: str | None = None,
 ) -> VariantOutputs:
-    """Greedy findings for each study, the option chosen by likelihood for each multiple-choice
+    """Greedy findings for each study (asked with `prompt`, else the model's own findings prompt
+    when it has one, else cxrlite's), the option chosen by likelihood for each multiple-choice
     record (records without options are skipped), perplexity of the report texts."""
     from cxrlite.data.prompts import FINDINGS_PROMPT
 
+    own = runtime.config.report_prompts
+    prompt = prompt or (own["findings"] if own else FINDINGS_PROMPT)
     root = Path(image_root) if image_root is not None else None
     started = time.perf_counter()
     generated = [
-        runtime.complete(
-            prompt or FINDINGS_PROMPT, _image_path(s.image, root), max_tokens=max_tokens
-        ).text.strip()
+        runtime.complete(prompt, _image_path(s.image, root), max_tokens=max_tokens).text.strip()
         for s in studies
     ]
     hits: dict[str, list[int]] = defaultdict(list)

@@ -61,6 +61,14 @@ def _weights_for_saving(model: CXRVLM) -> dict[str, torch.Tensor]:
 
 def save(model: CXRVLM, tokenizer: Any, cfg: ModelConfig, out_dir: str | os.PathLike) -> Path:
     """Write an HF-style checkpoint folder atomically: config.json, model.safetensors, tokenizer."""
+    return save_state(_weights_for_saving(model), tokenizer, cfg, out_dir)
+
+
+def save_state(
+    state: dict[str, torch.Tensor], tokenizer: Any, cfg: ModelConfig, out_dir: str | os.PathLike
+) -> Path:
+    """A checkpoint folder from a state dict with CXRVLM's names (an importer's converted
+    weights, never built into a model: a 7B model need not fit in memory twice)."""
     from safetensors.torch import save_file
 
     from cxrlite.model.tokenizer import save_tokenizer
@@ -70,7 +78,7 @@ def save(model: CXRVLM, tokenizer: Any, cfg: ModelConfig, out_dir: str | os.Path
             tmp / CONFIG_FILE,
             {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, **cfg.to_dict()},
         )
-        save_file(_weights_for_saving(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         save_tokenizer(tokenizer, tmp)
     logger.info("saved checkpoint %s", out_dir)
     return Path(out_dir)

@@ -158,6 +158,11 @@ def expand_image_tokens(
     return out
 
 
+def encode_answer(tokenizer: Any, answer: str) -> list[int]:
+    """An answer's ids as training appends them to the prompt: " answer" and the EOS."""
+    return tokenizer.encode(" " + answer.strip() + tokenizer.eos_token, add_special_tokens=False)
+
+
 def encode_example(
     tokenizer: Any,
     prompt: str,
@@ -179,16 +184,13 @@ def encode_example(
         raise TokenizerError(
             "the image token did not encode to exactly one id; is it a special token?"
         )
-    answer_ids: list[int] = []
-    if answer is not None:
-        answer_ids = tokenizer.encode(
-            " " + answer.strip() + tokenizer.eos_token, add_special_tokens=False
-        )
+    answer_ids = encode_answer(tokenizer, answer) if answer is not None else []
     prompt_ids = expand_image_tokens(prompt_ids, image_id, n_image_tokens)
     return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
 
 
-def _finish(tokenizer: Any, cfg: ModelConfig) -> Any:
+def with_template(tokenizer: Any, cfg: ModelConfig) -> Any:
+    """The tokenizer with `cfg`'s prompt template as its chat_template (saved with it)."""
     tokenizer.chat_template = _chat_template(cfg.prompt_template, cfg.image_token)
     return tokenizer
 
@@ -243,7 +245,7 @@ def train_tokenizer(corpus: Iterable[str], cfg: ModelConfig, out_dir: str | os.P
             add_bos_token=True, add_eos_token=False,
             extra_special_tokens={"image_token": cfg.image_token},
         )  # fmt: skip
-        save_tokenizer(_finish(tokenizer, cfg), out_dir)
+        save_tokenizer(with_template(tokenizer, cfg), out_dir)
     finally:
         model_file.close()
         os.unlink(model_file.name)
@@ -294,7 +296,7 @@ def load_pretrained_tokenizer(path: str | os.PathLike, cfg: ModelConfig) -> Any:
     if tokenizer.pad_token is None:
         # Reuse an existing token: padded positions are masked, and no embedding row is added.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    return _finish(tokenizer, cfg)
+    return with_template(tokenizer, cfg)
 
 
 def build_tokenizer(

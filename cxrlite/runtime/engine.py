@@ -427,20 +427,17 @@ class Runtime:
     def option_logprobs(
         self, prompt: str, options: Sequence[str], image: Image | None = None
     ) -> list[float]:
-        """Sum of each option's answer-token log-probabilities (its EOS included), encoded as
-        training encodes answers (cxrlite.model.tokenizer.encode_example)."""
-        from cxrlite.model.tokenizer import encode_example
+        """Sum of each option's answer-token log-probabilities (its EOS included): the prompt as
+        generation encodes it, the answer as training appends it (encode_answer)."""
+        from cxrlite.model.tokenizer import encode_answer
 
         embeds = self.image_embeddings(image).embeds if image is not None else None
+        prompt_ids = self.prompt_ids(prompt, with_image=embeds is not None)
         scores = []
         with self._llm_session():
             for option in options:
-                enc = encode_example(
-                    self.tokenizer, prompt, option, with_image=embeds is not None, n_image_tokens=1
-                )
-                n = enc["labels"].count(-100)
-                ids = enc["input_ids"]
-                logp = self.llm.score(self.segments(ids[:n], embeds), ids[n:])
+                answer_ids = encode_answer(self.tokenizer, option)
+                logp = self.llm.score(self.segments(prompt_ids, embeds), answer_ids)
                 scores.append(float(logp.sum()))
         return scores
 

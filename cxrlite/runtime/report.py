@@ -34,33 +34,44 @@ def draft_report(
     Setting `cancelled` (any thread) stops it before its next token; the impression is then not
     started and its `finish_reason` is "cancelled"."""
     t0 = time.perf_counter()
+    own = runtime.config.report_prompts
     encoded = runtime.image_embeddings(image)
+    findings_prompt = own["findings"] if own else FINDINGS_PROMPT
     findings = runtime.complete(
-        FINDINGS_PROMPT, encoded, max_tokens=max_tokens, cancelled=cancelled
+        findings_prompt, encoded, max_tokens=max_tokens, cancelled=cancelled
     )
-    impression = runtime.complete(
-        summary_prompt(findings.text.strip()), None, max_tokens=max_tokens, cancelled=cancelled
-    )
-    text = f"FINDINGS: {findings.text.strip()}\nIMPRESSION: {impression.text.strip()}"
-    return {
-        "findings": findings.text.strip(),
-        "impression": impression.text.strip(),
-        "labels": label_report(text),
+    parts = {"findings": findings, "impression": None}
+    if own is None:
+        parts["impression"] = runtime.complete(
+            summary_prompt(findings.text.strip()), None, max_tokens=max_tokens, cancelled=cancelled
+        )
+    elif own["impression"] is not None:
+        parts["impression"] = runtime.complete(
+            own["impression"], encoded, max_tokens=max_tokens, cancelled=cancelled
+        )
+    texts = {k: c.text.strip() if c is not None else None for k, c in parts.items()}
+    labelled = "\n".join(f"{k.upper()}: {t}" for k, t in texts.items() if t is not None)
+    report = {
+        **texts,
+        "labels": label_report(labelled),
         "variants": runtime.variants,
         "cache_hit": findings.cache_hit,
-        "finish_reason": {
-            "findings": findings.finish_reason,
-            "impression": impression.finish_reason,
-        },
+        "finish_reason": {k: c.finish_reason if c else None for k, c in parts.items()},
         "timings": {
             "preprocess_ms": encoded.preprocess_ms,
             "vision_ms": encoded.vision_ms,
-            "findings": {k: findings.timings.get(k, 0.0) for k in PART_TIMINGS},
-            "impression": {k: impression.timings.get(k, 0.0) for k in PART_TIMINGS},
+            **{k: _part_timings(c) for k, c in parts.items()},
             "total_ms": ms(time.perf_counter() - t0),
         },
         "usage": {
-            key: findings.usage[key] + impression.usage[key]
+            key: sum(c.usage[key] for c in parts.values() if c is not None)
             for key in ("prompt_tokens", "completion_tokens")
         },
     }
+    if parts["impression"] is None:
+        report["notes"] = ["this model writes findings only: no impression"]
+    return report
+
+
+def _part_timings(completion: Any) -> dict[str, float]:
+    return {k: completion.timings.get(k, 0.0) if completion else 0.0 for k in PART_TIMINGS}

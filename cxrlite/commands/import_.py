@@ -1,0 +1,71 @@
+"""`cxrlite import`: a published chest X-ray model on this disk -> a verified bundle.
+
+Nothing is downloaded: the user obtains the files under the model's licence (README, "Deploy a
+published model"). Each family is one subcommand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cxrlite.bundle import VARIANT_SECTIONS
+
+
+def _summary(bundle: Any, checkpoint: Path) -> None:
+    record = bundle.provenance
+    click.echo(f"bundle {bundle.path} ({record['model']}; {record['license']})")
+    click.echo(f"  checkpoint {checkpoint} (the PyTorch reference for eval, quantize, GPTQ)")
+    for section in VARIANT_SECTIONS:
+        for name, variant in bundle.variants(section).items():
+            parity = variant.parity or {}
+            figures = ", ".join(
+                f"{k}={v:.3g}" for k, v in parity.items() if k.startswith("max_abs")
+            )
+            click.echo(f"  {section:6s} {name:14s} {variant.file}  parity {figures or '-'}")
+
+
+def _common(fn: Any) -> Any:
+    options = [
+        click.option("--out", type=click.Path(path_type=Path), required=True,
+                     help="The bundle folder to write."),
+        click.option("--checkpoint-out", type=click.Path(path_type=Path), default=None,
+                     help="Where the converted cxrlite checkpoint goes (default: OUT-checkpoint)."),
+        click.option("--accept-license", is_flag=True,
+                     help="Confirm you hold the model under its licence (research use only)."),
+        click.option("--revision", default=None,
+                     help="The model revision you downloaded, recorded in the manifest."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing bundle at OUT."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.group("import")
+def import_group() -> None:
+    """Convert a published CXR model held on this disk into a bundle (ONNX vision tower, GGUF
+    LLM, tokenizer, the model's own prompt and preprocessing, parity figures, provenance).
+    `cxrlite quantize`, `report`, `serve`, `bench` and `eval` then work on it."""
+
+
+@import_group.command("llava-rad")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--base", type=click.Path(path_type=Path), required=True,
+              help="The base LLM folder LLaVA-Rad was trained on: lmsys/vicuna-7b-v1.5.")  # fmt: skip
+@_common
+def llava_rad(src: Path, base: Path, out: Path, checkpoint_out: Path | None,
+              accept_license: bool, revision: str | None, overwrite: bool) -> None:  # fmt: skip
+    """LLaVA-Rad with its Vicuna base. SRC: the microsoft/llava-rad folder (config.json,
+    adapter_model.bin, non_lora_trainables.bin, biomedclipcxr_518.json and its checkpoint)."""
+    from cxrlite.export.importers.common import default_checkpoint_out
+    from cxrlite.export.importers.llava_rad import import_llava_rad
+
+    checkpoint_out = checkpoint_out or default_checkpoint_out(out)
+    bundle = import_llava_rad(
+        src, base, out, accept_license=accept_license, checkpoint_out=checkpoint_out,
+        revision=revision, overwrite=overwrite,
+    )  # fmt: skip
+    _summary(bundle, checkpoint_out)

@@ -1,0 +1,246 @@
+"""Random-weight checkpoints written in the published layouts of the models `cxrlite import`
+reads: the exact file names, key names, config fields and pickles, at tiny widths (the real
+geometry where a test needs it). Nothing here imports cxrlite's importers: the fixtures are
+written from the published layouts alone, so a key-mapping error cannot cancel out.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "the heart size is normal no focal consolidation pleural effusion or pneumothorax lungs are "
+    "clear mild cardiomegaly small left right lower lobe opacity provide a description of "
+    "findings in radiology image chat between curious user and an artificial intelligence "
+    "assistant gives helpful detailed polite answers to questions USER ASSISTANT"
+).split()
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
+)
+LLM = {"hidden": 64, "layers": 2, "heads": 4, "intermediate": 128}
+VISION = {"hidden": 128, "layers": 2, "patch": 14}
+
+
+def _sentences(n: int = 400) -> list[str]:
+    rng = random.Random(0)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 16))) for _ in range(n)]
+
+
+def write_llama_tokenizer(folder: Path, vocab_size: int = 320) -> int:
+    """A SentencePiece model with Llama's settings (unk 0, bos 1, eos 2, byte fallback, dummy
+    prefix) and Vicuna's tokenizer files; returns its vocabulary size."""
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_sentences()), model_prefix=str(folder / "tokenizer"),
+        model_type="bpe", vocab_size=vocab_size, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        add_dummy_prefix=True, remove_extra_whitespaces=False, character_coverage=1.0,
+        num_threads=1, minloglevel=2,
+    )  # fmt: skip
+    (folder / "tokenizer.vocab").unlink()
+    token = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    config = {
+        "add_bos_token": True, "add_eos_token": False,
+        "bos_token": {"__type": "AddedToken", "content": "<s>", **token},
+        "clean_up_tokenization_spaces": False,
+        "eos_token": {"__type": "AddedToken", "content": "</s>", **token},
+        "legacy": False, "model_max_length": 4096, "pad_token": None, "padding_side": "right",
+        "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
+        "unk_token": {"__type": "AddedToken", "content": "<unk>", **token},
+    }  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    special = {
+        k: {"content": c, **token}
+        for k, c in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))
+    }
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({**special, "pad_token": "<unk>"}, indent=2)
+    )
+    return vocab_size
+
+
+def write_vicuna(folder: Path, seed: int = 0) -> Path:
+    """lmsys/vicuna-7b-v1.5's layout: config.json, two pickled shards with their index (rotary
+    inv_freq buffers included, as transformers 4.31 saved them), the tokenizer files."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = write_llama_tokenizer(folder)
+    config = {
+        "_name_or_path": "vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+        "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": LLM["hidden"],
+        "initializer_range": 0.02, "intermediate_size": LLM["intermediate"],
+        "max_position_embeddings": 2048, "model_type": "llama",
+        "num_attention_heads": LLM["heads"], "num_hidden_layers": LLM["layers"],
+        "num_key_value_heads": LLM["heads"], "pad_token_id": 0, "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False,
+        "torch_dtype": "float16", "transformers_version": "4.31.0", "vocab_size": vocab,
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "temperature": 0.9,
+                  "max_length": 4096, "top_p": 0.6, "transformers_version": "4.31.0"}  # fmt: skip
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    torch.manual_seed(seed)
+    hf = LlamaConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
+    state = {k: v.to(torch.float16) for k, v in LlamaForCausalLM(hf).state_dict().items()}
+    head_dim = LLM["hidden"] // LLM["heads"]
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    for i in range(LLM["layers"]):
+        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq
+    names = sorted(state)
+    half = len(names) // 2
+    shards = {
+        "pytorch_model-00001-of-00002.bin": names[:half],
+        "pytorch_model-00002-of-00002.bin": names[half:],
+    }
+    for shard, keys in shards.items():
+        torch.save({k: state[k] for k in keys}, folder / shard)
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+             "weight_map": {k: s for s, keys in shards.items() for k in keys}}  # fmt: skip
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder
+
+
+def timm_trunk(image_size: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A timm vit_*_patch14_dinov2 trunk's state dict (no prefix): fused qkv, LayerScale."""
+    g = torch.Generator().manual_seed(seed)
+    d, p = VISION["hidden"], VISION["patch"]
+    n = (image_size // p) ** 2
+
+    def rnd(*shape: int, scale: float = 0.05) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    state = {
+        "cls_token": rnd(1, 1, d), "pos_embed": rnd(1, n + 1, d),
+        "patch_embed.proj.weight": rnd(d, 3, p, p), "patch_embed.proj.bias": rnd(d),
+        "norm.weight": 1 + rnd(d), "norm.bias": rnd(d),
+    }  # fmt: skip
+    for i in range(VISION["layers"]):
+        b = f"blocks.{i}."
+        state.update({
+            b + "norm1.weight": 1 + rnd(d), b + "norm1.bias": rnd(d),
+            b + "attn.qkv.weight": rnd(3 * d, d), b + "attn.qkv.bias": rnd(3 * d),
+            b + "attn.proj.weight": rnd(d, d), b + "attn.proj.bias": rnd(d),
+            b + "ls1.gamma": 0.5 + rnd(d), b + "norm2.weight": 1 + rnd(d), b + "norm2.bias": rnd(d),
+            b + "mlp.fc1.weight": rnd(4 * d, d), b + "mlp.fc1.bias": rnd(4 * d),
+            b + "mlp.fc2.weight": rnd(d, 4 * d), b + "mlp.fc2.bias": rnd(d), b + "ls2.gamma": 0.5 + rnd(d),
+        })  # fmt: skip
+    return state
+
+
+def write_llava_rad(folder: Path, vocab: int, image_size: int = 518, seed: int = 2) -> Path:
+    """microsoft/llava-rad's layout: LLaVA config.json, PEFT LoRA (adapter_config.json +
+    adapter_model.bin), the projector in non_lora_trainables.bin, the open_clip tower."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    h, d = LLM["hidden"], VISION["hidden"]
+    config = {
+        "_name_or_path": "vicuna-7b-v1.5", "architectures": ["LlavaLlamaForCausalLM"],
+        "bos_token_id": 1, "eos_token_id": 2, "freeze_mm_mlp_adapter": False, "hidden_act": "silu",
+        "hidden_size": h, "image_aspect_ratio": "square", "image_grid_pinpoints": None,
+        "initializer_range": 0.02, "intermediate_size": LLM["intermediate"],
+        "max_position_embeddings": 2048, "mm_hidden_size": d, "mm_projector_type": "mlp2x_gelu",
+        "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
+        "mm_vision_tower": "biomedclip_cxr_518",
+        "mm_vision_tower_checkpoint": "biomedclipcxr_518_checkpoint.pt",
+        "mm_vision_tower_config": "llava/model/multimodal_encoder/open_clip_encoder/model_configs/biomedclip_cxr_518.json",
+        "model_type": "llava", "num_attention_heads": LLM["heads"],
+        "num_hidden_layers": LLM["layers"], "num_key_value_heads": LLM["heads"], "pad_token_id": 0,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
+        "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.31.0",
+        "tune_mm_mlp_adapter": False, "use_cache": True, "use_mm_proj": True, "vocab_size": vocab,
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapter_config = {
+        "auto_mapping": None, "base_model_name_or_path": "lmsys/vicuna-7b-v1.5", "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "layers_pattern": None, "layers_to_transform": None, "lora_alpha": 16,
+        "lora_dropout": 0.05, "modules_to_save": None, "peft_type": "LORA", "r": 8,
+        "revision": None, "target_modules": targets, "task_type": "CAUSAL_LM",
+    }  # fmt: skip
+    (folder / "adapter_config.json").write_text(
+        json.dumps(adapter_config, indent=2, sort_keys=True)
+    )
+    shapes = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h),
+              "gate_proj": (LLM["intermediate"], h), "up_proj": (LLM["intermediate"], h),
+              "down_proj": (h, LLM["intermediate"])}  # fmt: skip
+    adapter = {}
+    for i in range(LLM["layers"]):
+        for name, (out_f, in_f) in shapes.items():
+            part = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            key = f"base_model.model.model.layers.{i}.{part}.{name}"
+            adapter[f"{key}.lora_A.weight"] = (torch.randn(8, in_f, generator=g) * 0.1).bfloat16()
+            adapter[f"{key}.lora_B.weight"] = (torch.randn(out_f, 8, generator=g) * 0.1).bfloat16()
+    torch.save(adapter, folder / "adapter_model.bin")
+    projector = {
+        "base_model.model.model.mm_projector.0.weight": torch.randn(h, d, generator=g) * 0.05,
+        "base_model.model.model.mm_projector.0.bias": torch.randn(h, generator=g) * 0.05,
+        "base_model.model.model.mm_projector.2.weight": torch.randn(h, h, generator=g) * 0.05,
+        "base_model.model.model.mm_projector.2.bias": torch.randn(h, generator=g) * 0.05,
+    }
+    torch.save({k: v.bfloat16() for k, v in projector.items()}, folder / "non_lora_trainables.bin")
+    vision_json = {
+        "embed_dim": 512,
+        "vision_cfg": {"timm_model_name": "vit_base_patch14_dinov2.lvd142m",
+                       "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear",
+                       "image_size": image_size},
+        "text_cfg": {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                     "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                     "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler",
+                     "context_length": 256},
+    }  # fmt: skip
+    (folder / "biomedclipcxr_518.json").write_text(json.dumps(vision_json, indent=4))
+    trunk = timm_trunk(image_size)
+    state = {f"module.visual.trunk.{k}": v for k, v in trunk.items()}
+    state["module.visual.head.proj.weight"] = torch.randn(512, d, generator=g)
+    state["module.text.transformer.embeddings.word_embeddings.weight"] = torch.randn(
+        30, 8, generator=g
+    )
+    state["module.logit_scale"] = torch.tensor(4.6052)
+    torch.save({"state_dict": state, "epoch": 20, "name": "biomedclip_cxr_518"},
+               folder / "biomedclipcxr_518_checkpoint.pt")  # fmt: skip
+    return folder
+
+
+def timm_reference(trunk: dict[str, torch.Tensor], projector: dict, pixels: torch.Tensor,
+                   select: int = -2) -> torch.Tensor:  # fmt: skip
+    """LLaVA-Rad's image features by hand from the published weights: timm's DINOv2 forward
+    (fused qkv attention, LayerScale, exact GELU), hidden state `select` (final norm not
+    applied), CLS dropped, then the mm_projector (Linear, GELU, Linear)."""
+    import torch.nn.functional as F
+
+    d, p = VISION["hidden"], VISION["patch"]
+    heads = d // 64
+    x = F.conv2d(pixels, trunk["patch_embed.proj.weight"], trunk["patch_embed.proj.bias"], stride=p)
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([trunk["cls_token"].expand(len(x), -1, -1), x], 1) + trunk["pos_embed"]
+    states = [x]
+    for i in range(VISION["layers"]):
+        b = lambda name, i=i: trunk[f"blocks.{i}.{name}"]  # noqa: E731
+        y = F.layer_norm(x, (d,), b("norm1.weight"), b("norm1.bias"), eps=1e-6)
+        q, k, v = F.linear(y, b("attn.qkv.weight"), b("attn.qkv.bias")).chunk(3, -1)
+        split = lambda t: t.unflatten(-1, (heads, d // heads)).transpose(1, 2)  # noqa: E731
+        att = torch.softmax(split(q) @ split(k).transpose(-1, -2) / (d // heads) ** 0.5, -1)
+        y = (att @ split(v)).transpose(1, 2).flatten(2)
+        x = x + b("ls1.gamma") * F.linear(y, b("attn.proj.weight"), b("attn.proj.bias"))
+        y = F.layer_norm(x, (d,), b("norm2.weight"), b("norm2.bias"), eps=1e-6)
+        y = F.linear(
+            F.gelu(F.linear(y, b("mlp.fc1.weight"), b("mlp.fc1.bias"))),
+            b("mlp.fc2.weight"),
+            b("mlp.fc2.bias"),
+        )
+        x = x + b("ls2.gamma") * y
+        states.append(x)
+    features = states[select][:, 1:]
+    w = {k.split("mm_projector.")[1]: v.float() for k, v in projector.items()}
+    return F.linear(
+        F.gelu(F.linear(features, w["0.weight"], w["0.bias"])), w["2.weight"], w["2.bias"]
+    )
