@@ -199,3 +199,16 @@ def test_quantize_report_and_eval_work_on_the_imported_bundle(imported, tmp_path
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "IMPRESSION: (none: this model writes findings only" in result.output
+
+
+def test_the_server_names_the_model_and_its_licence(imported):
+    from fastapi.testclient import TestClient
+
+    from cxrlite.server import ServerSettings, create_app
+
+    runtime = Runtime.from_bundle(imported.path, warmup=False, threads=1)
+    with TestClient(create_app(runtime, ServerSettings(max_tokens_cap=4))) as client:
+        card = client.get("/v1/models").json()["data"][0]
+        assert card["published_model"]["model"] == "LLaVA-Rad"
+        assert "research use only" in card["published_model"]["restriction"]
+        assert 'id="license"' in client.get("/").text

@@ -35,6 +35,9 @@ async def models(request: Request) -> dict[str, Any]:
             "llm": sorted(bundle.llm_variants),
         },
     }
+    record = bundle.provenance
+    if record is not None:  # a published model: what it is and the terms it is held under
+        card["published_model"] = {k: record[k] for k in ("model", "license", "restriction")}
     return {"object": "list", "data": [card]}
 
 
