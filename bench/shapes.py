@@ -2,6 +2,7 @@
 
     cxrlite bench --shape 1b --llm-variants gguf-f16,gguf-q4_k_m      # vitb16-llama1b
     cxrlite bench --shape 7b --llm-variants gguf-q4_k_m               # so400m-llama7b
+    cxrlite bench --shape llava-rad --llm-variants gguf-q4_k_m        # dinov2b14-vicuna7b
     build_shape_bundle("1b", llm_variants=["gguf-q4_k_m"])           # -> the cached bundle path
 
 The LLM is never built in memory: its GGUF (f16) is written tensor by tensor from random normal
@@ -38,11 +39,10 @@ import torch
 
 from cxrlite.bundle import Key, Kind, variant_entry
 from cxrlite.errors import CxrliteError
-from cxrlite.model.config import ModelConfig, get_preset
+from cxrlite.model.config import SHAPES, ModelConfig, get_preset
 
 logger = logging.getLogger(__name__)
 
-SHAPES = {"1b": "vitb16-llama1b", "7b": "so400m-llama7b"}
 DEFAULT_CACHE = Path("~/.cache/cxrlite/shapes")
 WEIGHT_STD = 0.02
 TOKENIZER_PIECES = 1024
@@ -93,7 +93,11 @@ def shape_config(
         v,
         num_heads=v_heads,
         hidden_size=v_heads * (v.hidden_size // v.num_heads),
-        intermediate_size=max(32, round(v.intermediate_size * scale / 32) * 32),
+        intermediate_size=(
+            v_heads * (v.hidden_size // v.num_heads) * (v.intermediate_size // v.hidden_size)
+            if v.kind == "dinov2"  # DINOv2's MLP is a whole multiple of its width
+            else max(32, round(v.intermediate_size * scale / 32) * 32)
+        ),
         num_layers=depth,
         # LLaVA's penultimate layer, unless a shrunk tower has no penultimate layer
         feature_layer=v.feature_layer if -depth <= v.feature_layer else -1,

@@ -185,6 +185,25 @@ def test_shape_builder_reduced_size(tmp_path):
     assert f16.stat().st_mtime == bundle.variant_file("llm", "gguf-f16").stat().st_mtime
 
 
+def test_llava_rad_shape_reduced_keeps_its_geometry(tmp_path):
+    """The llava-rad shape at reduced width runs the real image geometry: 518 px, 1369 tokens."""
+    from cxrlite.bundle import load_bundle
+    from cxrlite.runtime.onnx_runner import onnx_session
+
+    shape = {"scale": 1 / 12, "layers": 1, "vision_layers": 1, "vocab_size": 512}
+    cfg = shape_config("llava-rad", **shape)
+    assert cfg.vision.kind == "dinov2" and cfg.n_image_tokens == 1369
+    assert cfg.vision.intermediate_size == 4 * cfg.vision.hidden_size == 256
+    path = build_shape_bundle(
+        "llava-rad", llm_variants=["gguf-f16"], vision_variants=["onnx-fp32"],
+        cache_dir=tmp_path, **shape,
+    )  # fmt: skip
+    bundle = load_bundle(path)
+    session = onnx_session(bundle.variant_file("vision", "onnx-fp32"), ["CPUExecutionProvider"])
+    pixels = np.zeros((1, 3, 518, 518), np.float32)
+    assert session.run(None, {"pixels": pixels})[0].shape == (1, 1369, cfg.llm.hidden_size)
+
+
 # --- load test ---------------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from cxrlite.bench.options import names as _names
+from cxrlite.model.config import SHAPES
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +134,10 @@ def bench() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write bench.json, bench.md and PNG plots here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON result instead of tables.")
-@click.option("--shape", type=click.Choice(["1b", "7b"]), default=None,
+@click.option("--shape", type=click.Choice(sorted(SHAPES)), default=None,
               help="Benchmark random weights of real size instead of BUNDLE_DIR: 1b = ViT-B/16 + "
-                   "Llama-3.2-1B shape, 7b = SO400M + Llama-2-7B shape (use --llm-variants "
+                   "Llama-3.2-1B shape, 7b = SO400M + Llama-2-7B shape, llava-rad = DINOv2 "
+                   "ViT-B/14 at 518 px (1369 image tokens) + Vicuna-7B (use --llm-variants "
                    "gguf-q4_k_m on small machines).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where --shape builds are kept [default: ~/.cache/cxrlite/shapes].")

@@ -355,7 +355,21 @@ _register(
               intermediate_size=11008, max_position_embeddings=4096, tie_word_embeddings=False,
               pad_token_id=None),
 )
+# Real-size shapes of LLaVA-Rad: DINOv2 ViT-B/14 at 518 px (1369 image tokens, the
+# second-to-last block's output) + its 2-layer projector + Vicuna-7B v1.5.
+_register(
+    "dinov2b14-vicuna7b",
+    VisionConfig(kind="dinov2", image_size=518, patch_size=14, num_channels=3, hidden_size=768,
+                 num_layers=12, num_heads=12, intermediate_size=3072, feature_layer=-2,
+                 hidden_act="gelu", layer_norm_eps=1e-6),
+    BridgerConfig(kind="mlp", mlp_layers=2),
+    LLMConfig(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+              intermediate_size=11008, max_position_embeddings=4096, tie_word_embeddings=False,
+              pad_token_id=0),
+)
 # fmt: on
+# The real-size presets by the short names `cxrlite bench --shape` takes.
+SHAPES = {"1b": "vitb16-llama1b", "7b": "so400m-llama7b", "llava-rad": "dinov2b14-vicuna7b"}
 
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:
