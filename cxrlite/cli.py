@@ -32,7 +32,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 _COMMANDS = {
     "data": ("cxrlite.commands.data", "data", "Phantoms, DICOM/PNG inspection, report labels, instruction tasks."),
     "train": ("cxrlite.commands.train", "train", "Train the model: CheXagent's four stages or LLaVA-Rad's two."),
-    "import": ("cxrlite.commands.import_", "import_group", "Published CXR models on this disk (LLaVA-Rad) -> a bundle, parity-checked."),
+    "import": ("cxrlite.commands.import_", "import_group", "Published CXR models on this disk (LLaVA-Rad, MAIRA-2) -> a bundle, parity-checked."),
     "export": ("cxrlite.commands.export", "export", "Checkpoint -> bundle: ONNX vision tower (+TensorRT), GGUF LLM."),
     "quantize": ("cxrlite.commands.quantize", "quantize", "Add quantized LLM variants (GGUF q8_0/q4_k_m..., GPTQ) to a bundle."),
     "eval": ("cxrlite.commands.eval", "eval_command", "CheXbench-style evaluation with bootstrap CIs and fairness, per bundle variant."),
@@ -86,7 +86,7 @@ def main(ctx: click.Context, verbose: int) -> None:
     Data flow:
       cxrlite data phantoms   make labeled synthetic radiographs (tests, demo)
       cxrlite train           train the model (four-stage recipe) on a dataset folder
-      cxrlite import          or convert a published model held on this disk (LLaVA-Rad)
+      cxrlite import          or convert a published model held on this disk (LLaVA-Rad, MAIRA-2)
       cxrlite export          checkpoint -> deployment bundle (ONNX + GGUF), parity-checked
       cxrlite quantize        add llama.cpp / GPTQ variants to the bundle, quality-gated
       cxrlite eval            quality with bootstrap CIs and fairness, checkpoint vs variants

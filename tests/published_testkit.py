@@ -244,3 +244,143 @@ def timm_reference(trunk: dict[str, torch.Tensor], projector: dict, pixels: torc
     return F.linear(
         F.gelu(F.linear(features, w["0.weight"], w["0.bias"])), w["2.weight"], w["2.bias"]
     )
+
+
+# --- MAIRA-2 ---------------------------------------------------------------------------------
+
+MAIRA2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first %}You are an expert radiology assistant tasked "
+    "with interpreting a chest X-ray study.  {% endif %}{% if message['role'] == 'user' %}USER:  "
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
+    "{% elif item['type'] == 'image' %}<image>{% endif %}{% endfor %}  "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {% for item in message['content'] %}"
+    "{{ item['text'] }}{% endfor %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
+)
+MAIRA2_ADDED = (
+    ["<obj>", "</obj>"] + [f"<{a}{i}>" for i in range(100) for a in "xy"]
+    + ["<box>", "</box>", "<image>", "<prev_im>", "<lat_image>"]
+)  # fmt: skip
+MAIRA2_MEAN, MAIRA2_STD = 0.5307, 0.2583
+
+
+def write_maira2(folder: Path, image_size: int = 518, seed: int = 3) -> Path:
+    """microsoft/maira-2's layout: config.json (maira2, nested text/vision configs), two
+    safetensors shards with their index (transformers 4 names), the tokenizer with its 207 added
+    tokens, chat_template.json, preprocessor_config.json and processor_config.json."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    base_vocab = write_llama_tokenizer(folder)  # Vicuna's SentencePiece model and files
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    tokenizer.add_tokens(MAIRA2_ADDED)
+    tokenizer.pad_token = "<unk>"
+    tokenizer.save_pretrained(folder)  # + tokenizer.json with the added tokens
+    vocab = base_vocab + len(MAIRA2_ADDED)
+    image_id = base_vocab + MAIRA2_ADDED.index("<image>")
+    (folder / "chat_template.json").write_text(
+        json.dumps({"chat_template": MAIRA2_CHAT_TEMPLATE}, indent=2)
+    )
+    d, layers = VISION["hidden"], VISION["layers"]
+    text_config = {
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": LLM["hidden"],
+        "intermediate_size": LLM["intermediate"], "num_hidden_layers": LLM["layers"],
+        "num_attention_heads": LLM["heads"], "num_key_value_heads": LLM["heads"],
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 1.5, "type": "linear"}, "torch_dtype": "float32",
+    }  # fmt: skip
+    vision_config = {
+        "model_type": "dinov2", "hidden_size": d, "num_hidden_layers": layers,
+        "num_attention_heads": d // 64, "patch_size": VISION["patch"], "image_size": image_size,
+        "mlp_ratio": 4, "layerscale_value": 1.0, "apply_layernorm": True,
+        "reshape_hidden_states": False, "out_features": [f"stage{layers}"],
+        "out_indices": [layers], "stage_names": ["stem"] + [f"stage{i}" for i in range(1, layers + 1)],
+        "layer_norm_eps": 1e-06, "use_swiglu_ffn": False, "qkv_bias": True,
+    }  # fmt: skip
+    config = {
+        "architectures": ["Maira2ForConditionalGeneration"],
+        "auto_map": {"AutoConfig": "configuration_maira2.Maira2Config",
+                     "AutoModelForCausalLM": "modeling_maira2.Maira2ForConditionalGeneration",
+                     "AutoModelForVision2Seq": "modeling_maira2.Maira2ForConditionalGeneration"},
+        "hidden_size": LLM["hidden"], "ignore_index": -100, "image_seq_length": 576,
+        "image_token_index": image_id, "model_type": "maira2", "multimodal_projector_bias": True,
+        "pad_token_id": 0, "projector_hidden_act": "gelu", "projector_n_layers": 4,
+        "text_config": text_config, "torch_dtype": "float32", "transformers_version": "4.46.0",
+        "vision_config": vision_config, "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default",
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    preprocessor = {
+        "auto_map": {"AutoProcessor": "processing_maira2.Maira2Processor"},
+        "crop_size": {"height": image_size, "width": image_size}, "do_center_crop": True,
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": [MAIRA2_MEAN] * 3, "image_processor_type": "BitImageProcessor",
+        "image_std": [MAIRA2_STD] * 3, "processor_class": "Maira2Processor", "resample": 3,
+        "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": image_size},
+    }  # fmt: skip
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(preprocessor, indent=2, sort_keys=True)
+    )
+    processor = {"box_end_token": "</box>", "box_start_token": "<box>", "image_token": "<image>",
+                 "num_additional_image_tokens": 1, "num_box_coord_bins": 100, "patch_size": 14,
+                 "phrase_end_token": "</obj>", "phrase_start_token": "<obj>",
+                 "processor_class": "Maira2Processor"}  # fmt: skip
+    (folder / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True))
+    torch.manual_seed(seed)
+    hf = LlamaConfig(**{k: v for k, v in text_config.items() if k != "model_type"})
+    state = {f"language_model.{k}": v for k, v in LlamaForCausalLM(hf).state_dict().items()}
+    for k, v in maira2_vision_weights(image_size, seed).items():
+        state[f"vision_tower.{k}"] = v
+    g = torch.Generator().manual_seed(seed)
+    for n, width_in in enumerate([d, LLM["hidden"], LLM["hidden"], LLM["hidden"]]):
+        state[f"multi_modal_projector.layers.{2 * n}.weight"] = (
+            torch.randn(LLM["hidden"], width_in, generator=g) * 0.05
+        )
+        state[f"multi_modal_projector.layers.{2 * n}.bias"] = (
+            torch.randn(LLM["hidden"], generator=g) * 0.05
+        )
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}  # fmt: skip
+    for shard, keys in shards.items():
+        save_file(
+            {k: state[k].contiguous() for k in keys}, str(folder / shard), metadata={"format": "pt"}
+        )
+    index = {"metadata": {"total_size": sum(v.numel() * 4 for v in state.values())},
+             "weight_map": {k: s for s, keys in shards.items() for k in keys}}  # fmt: skip
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps(index, indent=2, sort_keys=True) + "\n"
+    )
+    return folder
+
+
+def maira2_vision_weights(image_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """RAD-DINO's weights with transformers 4's Dinov2 names (attention.attention.query ...)."""
+    g = torch.Generator().manual_seed(seed + 100)
+    d, p = VISION["hidden"], VISION["patch"]
+    n = (image_size // p) ** 2
+
+    def rnd(*shape: int, scale: float = 0.05) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    state = {
+        "embeddings.cls_token": rnd(1, 1, d), "embeddings.mask_token": rnd(1, d),
+        "embeddings.position_embeddings": rnd(1, n + 1, d),
+        "embeddings.patch_embeddings.projection.weight": rnd(d, 3, p, p),
+        "embeddings.patch_embeddings.projection.bias": rnd(d),
+        "layernorm.weight": 1 + rnd(d), "layernorm.bias": rnd(d),
+    }  # fmt: skip
+    for i in range(VISION["layers"]):
+        b = f"encoder.layer.{i}."
+        for name in ("attention.attention.query", "attention.attention.key",
+                     "attention.attention.value", "attention.output.dense"):  # fmt: skip
+            state[b + name + ".weight"], state[b + name + ".bias"] = rnd(d, d), rnd(d)
+        state.update({
+            b + "norm1.weight": 1 + rnd(d), b + "norm1.bias": rnd(d),
+            b + "layer_scale1.lambda1": 0.5 + rnd(d), b + "norm2.weight": 1 + rnd(d),
+            b + "norm2.bias": rnd(d), b + "mlp.fc1.weight": rnd(4 * d, d), b + "mlp.fc1.bias": rnd(4 * d),
+            b + "mlp.fc2.weight": rnd(d, 4 * d), b + "mlp.fc2.bias": rnd(d),
+            b + "layer_scale2.lambda1": 0.5 + rnd(d),
+        })  # fmt: skip
+    return state

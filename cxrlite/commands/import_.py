@@ -69,3 +69,22 @@ def llava_rad(src: Path, base: Path, out: Path, checkpoint_out: Path | None,
         revision=revision, overwrite=overwrite,
     )  # fmt: skip
     _summary(bundle, checkpoint_out)
+
+
+@import_group.command("maira-2")
+@click.argument("src", type=click.Path(path_type=Path))
+@_common
+def maira2(src: Path, out: Path, checkpoint_out: Path | None, accept_license: bool,
+           revision: str | None, overwrite: bool) -> None:  # fmt: skip
+    """MAIRA-2, the findings of a frontal image. SRC: the microsoft/maira-2 folder (config.json,
+    model-*.safetensors and index, tokenizer files, chat_template.json, preprocessor_config.json);
+    its own code is never run."""
+    from cxrlite.export.importers.common import default_checkpoint_out
+    from cxrlite.export.importers.maira2 import import_maira2
+
+    checkpoint_out = checkpoint_out or default_checkpoint_out(out)
+    bundle = import_maira2(
+        src, out, accept_license=accept_license, checkpoint_out=checkpoint_out,
+        revision=revision, overwrite=overwrite,
+    )  # fmt: skip
+    _summary(bundle, checkpoint_out)

@@ -41,12 +41,15 @@ VISION_FAMILIES = {
 }  # fmt: skip
 VISION_KINDS = tuple(VISION_FAMILIES)
 BRIDGER_KINDS = ("mlp", "qformer")
-# cxrlite's own chat format, and those of the published models cxrlite imports.
-PROMPT_TEMPLATES = ("cxr-chat-v1", "vicuna-v1")
-# How a rendered prompt becomes ids: in one call, the image token a special token of the
-# tokenizer ("whole"), or LLaVA's tokenizer_image_token: each chunk between image tokens
-# encoded on its own, one BOS, the image id put between ("chunks").
-PROMPT_ENCODINGS = ("whole", "chunks")
+# cxrlite's own chat format, LLaVA's Vicuna v1, or "own": the chat template a published model's
+# tokenizer carries (MAIRA-2's), used as it is.
+PROMPT_TEMPLATES = ("cxr-chat-v1", "vicuna-v1", "own")
+# How a rendered prompt becomes ids: in one call, the text carrying its BOS ("whole"); in one
+# call with the tokenizer adding its special tokens, as transformers' processors do
+# ("tokenizer"); or LLaVA's tokenizer_image_token: each chunk between image tokens encoded on its
+# own, one BOS, the image id put between ("chunks"). The image token is a special token of the
+# tokenizer in the first two.
+PROMPT_ENCODINGS = ("whole", "tokenizer", "chunks")
 REPORT_PARTS = ("findings", "impression")
 DEFAULT_IMAGE_TOKEN = "<image>"
 

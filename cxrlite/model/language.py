@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -70,8 +71,14 @@ def llm_config_from_pretrained(path: str | os.PathLike) -> LLMConfig:
             "(Llama, Vicuna, or Mistral without a sliding window)"
         )
     hf = LlamaConfig.from_pretrained(str(path), local_files_only=True)
+    return dataclasses.replace(llm_config_from_hf(hf, config_file), pretrained=str(path))
+
+
+def llm_config_from_hf(hf: Any, where: Any) -> LLMConfig:
+    """An LLMConfig from a transformers LlamaConfig (a folder's, or a multimodal config's
+    text_config with transformers' defaults filled in); `where` names it in errors."""
     if hf.attention_bias or hf.mlp_bias or hf.head_dim != hf.hidden_size // hf.num_attention_heads:
-        raise ValueError(f"{config_file}: biases or a custom head_dim are not supported")
+        raise ValueError(f"{where}: biases or a custom head_dim are not supported")
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     theta = float(rope.pop("rope_theta", 10000.0))
     eos = hf.eos_token_id[0] if isinstance(hf.eos_token_id, list) else hf.eos_token_id
@@ -91,7 +98,6 @@ def llm_config_from_pretrained(path: str | os.PathLike) -> LLMConfig:
         bos_token_id=hf.bos_token_id,
         eos_token_id=eos,
         pad_token_id=hf.pad_token_id,
-        pretrained=str(path),
     )
 
 

@@ -86,7 +86,17 @@ def _chat_template(name: str, image_token: str) -> str:
 
 
 def _messages(prompt: str, with_image: bool) -> list[dict[str, Any]]:
-    content: list[dict[str, str]] = [{"type": "image"}] if with_image else []
+    """One user message: the image first, then the prompt; a prompt that writes the image token
+    itself ("Given the current frontal image only<image> Provide ...", MAIRA-2's) places it."""
+    if with_image and DEFAULT_IMAGE_TOKEN in prompt:
+        content: list[dict[str, str]] = []
+        for i, text in enumerate(prompt.split(DEFAULT_IMAGE_TOKEN)):
+            if i:
+                content.append({"type": "image"})
+            if text:
+                content.append({"type": "text", "text": text})
+        return [{"role": "user", "content": content}]
+    content = [{"type": "image"}] if with_image else []
     content.append({"type": "text", "text": prompt})
     return [{"role": "user", "content": content}]
 
@@ -127,10 +137,10 @@ def format_prompt(template: Any, prompt: str, with_image: bool = True) -> str:
 def encode_prompt_text(tokenizer: Any, text: str, cfg: ModelConfig) -> list[int]:
     """Token ids of a rendered prompt (`format_prompt`), as the model's own code makes them:
     `cfg.prompt_encoding` "whole" encodes it in one call (the image token is a special token);
-    "chunks" is LLaVA's tokenizer_image_token: one BOS, then each piece between image tokens
+    "tokenizer" too, the tokenizer adding its BOS (the template has none); "chunks" is LLaVA's tokenizer_image_token: one BOS, then each piece between image tokens
     encoded on its own (its own SentencePiece prefix space), `cfg.image_token_id` between."""
-    if cfg.prompt_encoding == "whole":
-        return tokenizer.encode(text, add_special_tokens=False)
+    if cfg.prompt_encoding in ("whole", "tokenizer"):
+        return tokenizer.encode(text, add_special_tokens=cfg.prompt_encoding == "tokenizer")
     bos = tokenizer.bos_token or ""
     body = text[len(bos) :] if bos and text.startswith(bos) else text
     ids = [tokenizer.bos_token_id]
@@ -190,7 +200,12 @@ def encode_example(
 
 
 def with_template(tokenizer: Any, cfg: ModelConfig) -> Any:
-    """The tokenizer with `cfg`'s prompt template as its chat_template (saved with it)."""
+    """The tokenizer with `cfg`'s prompt template as its chat_template (saved with it); "own"
+    keeps the one the tokenizer came with."""
+    if cfg.prompt_template == "own":
+        if not getattr(tokenizer, "chat_template", None):
+            raise TokenizerError("the tokenizer has no chat template of its own")
+        return tokenizer
     tokenizer.chat_template = _chat_template(cfg.prompt_template, cfg.image_token)
     return tokenizer
 
@@ -274,7 +289,10 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     if not (path / "tokenizer.json").is_file() and not (path / SPM_FILE).is_file():
         raise TokenizerError(f"{path}: no tokenizer.json or {SPM_FILE} found")
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # Never the folder's own code: a published model's config.json may name some (auto_map).
+        return AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False
+        )
     except (OSError, ValueError) as e:
         raise TokenizerError(f"{path}: cannot load the tokenizer ({e})") from None
 

@@ -156,6 +156,15 @@ def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple], whe
             )
 
 
+def expected_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
+    """Every weight of a CXRVLM with `cfg` and its shape, from a model on the meta device."""
+    from cxrlite.model.vlm import CXRVLM
+
+    with torch.device("meta"):
+        model = CXRVLM(cfg, load_pretrained=False)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def write_bundle(
     state: dict[str, torch.Tensor],
     tokenizer: Any,

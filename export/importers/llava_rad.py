@@ -34,6 +34,7 @@ from cxrlite.export.importers.common import (
     check_shapes,
     default_checkpoint_out,
     expect,
+    expected_shapes,
     file_hashes,
     load_llama_weights,
     load_pickle,
@@ -207,15 +208,6 @@ def _tokenizer(base: Path, cfg: ModelConfig) -> Any:
         return with_template(load_tokenizer(base), cfg)
     except TokenizerError as e:
         raise PublishedModelError(str(e)) from None
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight of a CXRVLM with `cfg` and its shape, from a model on the meta device."""
-    from cxrlite.model.vlm import CXRVLM
-
-    with torch.device("meta"):
-        model = CXRVLM(cfg, load_pretrained=False)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def import_llava_rad(
