@@ -98,7 +98,8 @@ def test_format_prompt(trained):
     assert format_prompt("cxr-chat-v1", "Is there an effusion?", with_image=True) == expected
     assert format_prompt(tok, "Is there an effusion?", with_image=True) == expected
     assert format_prompt(tok, "Findings?", with_image=False) == "<s>USER: Findings?\nASSISTANT:"
-    assert tuple(CHAT_TEMPLATES) == PROMPT_TEMPLATES  # every config-valid name renders
+    # every config-valid name renders: ours, or the tokenizer's own ("own")
+    assert (*CHAT_TEMPLATES, "own") == PROMPT_TEMPLATES
     with pytest.raises(TokenizerError, match="unknown prompt template"):
         format_prompt("alpaca", "x")
 
@@ -153,3 +154,16 @@ def test_bind_tokenizer(trained):
     assert bound.image_token_id == 4
     assert (bound.llm.bos_token_id, bound.llm.eos_token_id, bound.llm.pad_token_id) == (1, 2, 3)
     assert bound.llm.vocab_size == 384
+
+
+def test_a_prompt_that_places_the_image_itself_keeps_its_place():
+    from cxrlite.model.tokenizer import _messages
+
+    (message,) = _messages("Given the current frontal image only<image> Describe.", True)
+    assert message["content"] == [
+        {"type": "text", "text": "Given the current frontal image only"},
+        {"type": "image"},
+        {"type": "text", "text": " Describe."},
+    ]
+    (plain,) = _messages("Describe.", True)
+    assert plain["content"] == [{"type": "image"}, {"type": "text", "text": "Describe."}]
