@@ -382,7 +382,13 @@ def test_bad_images_raise_typed_errors(rt, tmp_path):
     with pytest.raises(ImageError, match=r"expected finite float32 \[1, 64, 64\]"):
         rt.complete("Describe.", np.zeros((3, 64, 64), np.float32))
     with pytest.raises(ValueError, match="image tokens"):
-        rt.complete("Compare <image> with this one.", random_pixels(0))
+        rt.complete("Compare <image> with <image>.", random_pixels(0))
+    # one image token in the text places the image there (MAIRA-2's prompts do)
+    placed = rt.prompt_ids("Compare <image> with this one.", with_image=True)
+    assert placed.count(rt.image_token_id) == 1
+    assert placed.index(rt.image_token_id) > rt.prompt_ids("Compare.", True).index(
+        rt.image_token_id
+    )
 
 
 # --- GPTQ --------------------------------------------------------------------------------------

@@ -232,11 +232,7 @@ def import_llava_rad(
     vision_state, vision_cfg = _vision(src, config)
     cfg = _model_config(src, base, config, vision_cfg)
     state = {**vision_state, **_projector(src / "non_lora_trainables.bin"), **_llm(src, base)}
-    expected = expected_shapes(cfg)
-    if not cfg.llm.tie_word_embeddings or "llm.lm_head.weight" in state:
-        check_shapes(state, expected, src)
-    else:  # a tied head is re-tied on load
-        check_shapes(state, {k: v for k, v in expected.items() if k != "llm.lm_head.weight"}, src)
+    check_shapes(state, expected_shapes(cfg), src)
     record = provenance(
         NAME,
         LICENSE,

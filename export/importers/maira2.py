@@ -18,7 +18,6 @@ grounding). It writes findings only; there is no impression task.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -142,7 +141,7 @@ def _convert(state: dict[str, torch.Tensor], n_layers: int, src: Path) -> dict[s
     return out
 
 
-def _model_config(src: Path, config: dict[str, Any]) -> tuple[ModelConfig, Any]:
+def _model_config(src: Path, config: dict[str, Any]) -> ModelConfig:
     from cxrlite.model.language import llm_config_from_hf
 
     path = src / "config.json"
@@ -163,7 +162,7 @@ def _model_config(src: Path, config: dict[str, Any]) -> tuple[ModelConfig, Any]:
     image_id = config.get("image_token_index")
     if not isinstance(image_id, int):
         raise PublishedModelError(f"{path}: no image_token_index")
-    cfg = ModelConfig(
+    return ModelConfig(
         vision=vision,
         bridger=BridgerConfig(kind="mlp", mlp_layers=int(config.get("projector_n_layers", 4))),
         llm=llm,
@@ -173,7 +172,6 @@ def _model_config(src: Path, config: dict[str, Any]) -> tuple[ModelConfig, Any]:
         prompt_encoding="tokenizer",
         report_prompts={"findings": FINDINGS_PROMPT, "impression": None},
     )
-    return cfg, hf_vision
 
 
 def _preprocess(path: Path, vision: VisionConfig) -> PreprocessConfig:
@@ -231,7 +229,7 @@ def import_maira2(
     require_license(NAME, LICENSE, accept_license)
     require_files(src, FILES, f"{NAME} folder")
     config = read_json(src / "config.json")
-    cfg, _ = _model_config(src, config)
+    cfg = _model_config(src, config)
     tokenizer = _tokenizer(src, cfg)
     state = _convert(_weights(src), cfg.bridger.mlp_layers, src)
     state.setdefault("vision.embeddings.mask_token", torch.zeros(1, cfg.vision.hidden_size))
@@ -244,5 +242,5 @@ def import_maira2(
     return write_bundle(
         state, tokenizer, cfg, out=out,
         checkpoint_out=Path(checkpoint_out) if checkpoint_out else default_checkpoint_out(out),
-        record=json.loads(json.dumps(record)), overwrite=overwrite,
+        record=record, overwrite=overwrite,
     )  # fmt: skip
