@@ -147,15 +147,29 @@ def inspect(files: tuple[Path, ...], png_out: Path | None, image_size: int, as_j
 @click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="JSONL to write."
 )
-def label(source: Path, out: Path) -> None:
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="Also record, and print, why: each phrase matched, the rule and cue, and its scope.",
+)
+def label(source: Path, out: Path, explain: bool) -> None:
     """Label report texts with the 14 CheXpert observations.
 
     SOURCE is a .txt file (one report per line) or JSONL with `id` and `text`. Writes one
-    {"id": ..., "labels": {...}} per report.
+    {"id": ..., "labels": {...}} per report (with --explain, its "decisions" too).
     """
-    from cxrlite.eval.label_files import label_file
+    from cxrlite.eval.label_files import label_file, label_record, read_reports
 
-    n = label_file(source, out)
+    n = label_file(source, out, explain=explain)
+    if explain:
+        for id_, text in read_reports(source):
+            click.echo(f"[{id_}]")
+            for d in label_record(id_, text, explain=True)["decisions"]:
+                cue = f' (cue "{d["cue"]}")' if d["cue"] else ""
+                click.echo(
+                    f'  {d["observation"]}: {d["value"]} <- "{d["phrase"]}" by {d["rule"]}{cue}'
+                    f' in "{d["scope"]}"'
+                )
     click.echo(f"labeled {n} reports -> {out}")
 
 

@@ -39,10 +39,33 @@ def read_reports(source: Path) -> list[tuple[Any, str]]:
     return [(row["id"], row["text"]) for row in rows]
 
 
-def label_file(source: Path, out: Path) -> int:
-    """Write the labels of every report of `source` to the JSONL `out`; returns how many."""
-    from cxrlite.eval.labeler import label_report
+def label_file(source: Path, out: Path, explain: bool = False) -> int:
+    """Write the labels of every report of `source` to the JSONL `out`; returns how many. With
+    `explain`, each record also lists the decisions behind its labels (phrase, rule, cue)."""
     from cxrlite.fileio import write_jsonl
 
     items = read_reports(source)
-    return write_jsonl(out, ({"id": id_, "labels": label_report(text)} for id_, text in items))
+    return write_jsonl(out, (label_record(id_, text, explain) for id_, text in items))
+
+
+def label_record(id_: Any, text: str, explain: bool = False) -> dict[str, Any]:
+    from cxrlite.eval.labeler import explain_report, label_report
+
+    record = {"id": id_, "labels": label_report(text)}
+    if explain:
+        record["decisions"] = [explanation(d) for d in explain_report(text)]
+    return record
+
+
+def explanation(decision: Any) -> dict[str, Any]:
+    """One decision as a record: the observation and value, the phrase matched, the rule and the
+    cue that decided it, and the clause it was read in (its scope)."""
+    value = decision.value if decision.value is not None else "ignored (not about this study)"
+    return {
+        "observation": decision.observation,
+        "value": value,
+        "phrase": decision.phrase,
+        "rule": decision.rule,
+        "cue": decision.cue,
+        "scope": decision.clause,
+    }

@@ -33,6 +33,7 @@ Conventions (where the CheXpert labeler is silent or where we depart from it, on
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from cxrlite.data.labels import (
     UNCERTAIN,
 )
 
-__all__ = ["label_report", "label_reports"]
+__all__ = ["Decision", "explain_report", "label_report", "label_reports"]
 
 _OTHER = "_other"  # an abnormality outside the 14 observations: only blocks No Finding
 _RANK = {NEGATIVE: 0, UNCERTAIN: 1, POSITIVE: 2}
@@ -73,8 +74,8 @@ _MENTIONS: list[tuple[str, re.Pattern[str], str]] = [
     (
         "Lung Lesion",
         _rx(
-            r"\bnodul\w*|\bmass(es)?\b|\btumou?rs?\b|\bneoplasms?\b|\bcarcinoma\b|\blesions?\b"
-            r"|\blump\b"
+            r"\bnodul\w*|\bfibronodular\b|\bmass(es)?\b|\btumou?rs?\b|\bneoplasms?\b|\bcarcinoma\b"
+            r"|\blesions?\b|\blump\b"
         ),
         POSITIVE,
     ),
@@ -90,7 +91,11 @@ _MENTIONS: list[tuple[str, re.Pattern[str], str]] = [
     ("Consolidation", _rx(r"\bconsolidat\w*"), POSITIVE),
     ("Pneumonia", _rx(r"\b(broncho)?pneumonias?\b|\binfect\w*"), POSITIVE),
     ("Atelectasis", _rx(r"\batelecta\w*|\bcollapsed?\b"), POSITIVE),
-    ("Pneumothorax", _rx(r"\b(hydro)?pneumothora(x|ces)\b|\bptx\b"), POSITIVE),
+    (
+        "Pneumothorax",
+        _rx(r"\b(hydro)?pneumothora(x|ces)\b|\bptx\b|\bpleural air( collection)?\b"),
+        POSITIVE,
+    ),
     (
         "Pleural Effusion",
         _rx(r"\beffusions?\b|\bpleural fluid\b|\bhydrothorax\b|\bhydropneumothorax\b"),
@@ -229,8 +234,11 @@ _HEDGE_WORDS = (
     r"possible|possibly|probable|probably|likely|unlikely|questionable|question of|questioned"
     r"|suspect\w*|suspicious|suspicion|concern(ing)? for|worrisome|may|might|could|would"
     r"|suggest\w*|consider\w*|differential|presum\w*|equivocal|indeterminate|maybe|perhaps"
-    r"|favor\w*|correlat\w*|potential|potentially"
+    r"|favor\w*|correlat\w*|potential|potentially|unclear|uncertain|whether|cannot be determined"
 )
+# How far a hedge reaches forward, in words: it modifies what follows it, not a later clause's
+# finding ("Possibly small effusion" yes; "could be positional, with mild edema" no).
+_HEDGE_REACH = 6
 _GRADES = r"mild|mildly|moderate|moderately|severe|severely|small|large|trace|minimal|marked"
 # Forward triggers act on mentions after them, backward ones on mentions before them.
 _UNCERTAIN_FIRST_FWD = _rx(
@@ -259,6 +267,7 @@ _HEDGE_BWD = _rx(
     # hedges only the atelectasis, which the forward "likely" covers.
     r"\b(is|are)( also)? (possible|likely|probable|suspected|questioned|favored|considered"
     r"|a consideration)\b(?=\s*$|\s+(present|given|due|related|secondary|over|in|on|at|but|and)\b)"
+    r"|\b(is|are|was|were)( also)? (possibly|probably|likely|questionably|perhaps|potentially)\b"
     r"|\bnot (well )?(visualized|evaluated|assessed)\b"
     r"|\b(poorly|incompletely) (evaluated|assessed|visualized)\b"
 )
@@ -287,15 +296,21 @@ _PSEUDO = [
     (_rx(r"\band/or\b"), "or"),
 ]
 # Clause ends: negation and hedges do not reach across these.
-_BOUNDARY = _rx(
+_HARD_BOUNDARY = _rx(
     r";|:|\b(but|however|although|though|whereas|while|which|except|aside from|apart from"
     r"|other than|besides|with the exception of)\b|,\s*(?=(and )?(there|the|this|these|it)\b)"
     r"|\band (?=(there|the)\b)|\b(is|are|was|were) (seen|identified|present|noted|demonstrated"
-    rf"|evident|appreciated)\b|,\s*(?=({_HEDGE_WORDS})\b)"
-    # "No pneumothorax and moderate cardiomegaly": a graded finding after a negation is asserted.
-    rf"|(,|\band)\s*(?=(a |an )?({_GRADES})\b)|\band (?=(stable|persistent|unchanged|increased"
-    r"|decreased|enlarged|worsening|improving)\b)"
+    r"|evident|appreciated)\b"
 )
+# Where a new assertion may start: a hedge or a graded finding after a comma or "and" ("No
+# pneumothorax, possible small effusion"; "No effusion and moderate cardiomegaly"). Not inside a
+# negated list that goes on to its "or" item: "No focal consolidation, suspicious opacity, large
+# effusion, or pneumothorax is seen" negates all four (the negation governs the whole list).
+_SOFT_BOUNDARY = _rx(
+    rf",\s*(?=({_HEDGE_WORDS})\b)|(,|\band)\s*(?=(a |an )?({_GRADES})\b)"
+    r"|\band (?=(stable|persistent|unchanged|increased|decreased|enlarged|worsening|improving)\b)"
+)
+_LIST_GOES_ON = _rx(r"\b(or|nor)\b")
 
 _SECTION = _rx(
     r"\b(findings|impression|indication|history|clinical history|clinical information|reason for"
@@ -347,12 +362,27 @@ def _sentences(text: str) -> list[str]:
     return [p.strip(" .!?") for p in parts if p.strip(" .!?")]
 
 
-def _clauses(sentence: str) -> list[str]:
-    clauses, pos = [], 0
-    for m in _BOUNDARY.finditer(sentence):
-        clauses.append(sentence[pos : m.start()])
+def _split(text: str, cuts: Iterable[re.Match[str]]) -> list[str]:
+    parts, pos = [], 0
+    for m in cuts:
+        parts.append(text[pos : m.start()])
         pos = m.end()
-    clauses.append(sentence[pos:])
+    parts.append(text[pos:])
+    return parts
+
+
+def _clauses(sentence: str) -> list[str]:
+    clauses = []
+    for part in _split(sentence, _HARD_BOUNDARY.finditer(sentence)):
+        negation = _NEGATION_FWD.search(part)
+        cuts = [
+            m
+            for m in _SOFT_BOUNDARY.finditer(part)
+            if not (
+                negation and negation.end() <= m.start() and _LIST_GOES_ON.search(part, m.end())
+            )
+        ]
+        clauses.extend(_split(part, cuts))
     return [c for c in clauses if c.strip()]
 
 
@@ -391,7 +421,18 @@ def _descriptor_value(descriptor: _Descriptor, clause: str, start: int, end: int
     return None
 
 
+# One pass that tells whether a clause mentions anything at all (most report clauses name an
+# observation, many do not: "PA and lateral views of the chest were obtained").
+_ANY_MENTION = _rx(
+    "|".join(f"(?:{p.pattern})" for _, p, _ in _MENTIONS)
+    + "|"
+    + "|".join(f"(?:{d.pattern.pattern})" for d in _DESCRIPTORS)
+)
+
+
 def _mentions(clause: str) -> list[_Mention]:
+    if not _ANY_MENTION.search(clause):
+        return []
     found: list[_Mention] = []
     for observation, pattern, base in _MENTIONS:
         for m in pattern.finditer(clause):
@@ -429,49 +470,128 @@ def _alternatives(clause: str, mentions: list[_Mention]) -> set[int]:
     return chosen
 
 
-def _classify(mention: _Mention, clause: str, alternative: bool) -> str | None:
-    def before(pattern: re.Pattern[str]) -> bool:
-        return any(m.end() <= mention.start for m in pattern.finditer(clause))
+@dataclass(frozen=True)
+class Decision:
+    """Why one mention got its value: the phrase matched, the rule and the cue that decided it
+    (`cxrlite data label --explain`)."""
 
-    def after(pattern: re.Pattern[str]) -> bool:
-        return any(m.start() >= mention.end for m in pattern.finditer(clause))
+    observation: str
+    value: str
+    phrase: str
+    rule: str  # plain, descriptor, negation, uncertain-first, hedge, alternative, ...
+    cue: str | None
+    clause: str
 
-    if before(_UNCERTAIN_FIRST_FWD) or after(_UNCERTAIN_FIRST_BWD):
-        return UNCERTAIN
-    if before(_IGNORE_FWD):
+
+_CUES = {
+    "uncertain-first": (_UNCERTAIN_FIRST_FWD, _UNCERTAIN_FIRST_BWD),
+    "ignored": (_IGNORE_FWD, None),
+    "negation": (_NEGATION_FWD, _NEGATION_BWD),
+    "hedge": (_HEDGE_FWD, _HEDGE_BWD),
+}
+
+
+class _Cues:
+    """Every trigger of one clause, found once for all its mentions."""
+
+    def __init__(self, clause: str) -> None:
+        self.clause = clause
+        self.found = {
+            (name, way): [m for m in pattern.finditer(clause)] if pattern else []
+            for name, patterns in _CUES.items()
+            for way, pattern in zip(("fwd", "bwd"), patterns, strict=True)
+        }
+
+    def before(self, name: str, mention: _Mention, reach: int | None = None) -> str | None:
+        """The nearest forward cue ending before the mention (at most `reach` words before)."""
+        for m in reversed(self.found[(name, "fwd")]):
+            if m.end() <= mention.start:
+                if reach is not None and len(self.clause[m.end() : mention.start].split()) > reach:
+                    return None
+                return m.group(0)
         return None
-    near = _NEGATION_NEAR.search(clause[: mention.start])
-    if near or before(_NEGATION_FWD) or after(_NEGATION_BWD) or mention.base == NEGATIVE:
-        return NEGATIVE
-    if before(_HEDGE_FWD) or after(_HEDGE_BWD) or alternative:
-        return UNCERTAIN
-    return mention.base
+
+    def after(self, name: str, mention: _Mention) -> str | None:
+        return next(
+            (m.group(0) for m in self.found[(name, "bwd")] if m.start() >= mention.end), None
+        )
+
+
+def _classify(
+    mention: _Mention, cues: _Cues, alternative: bool
+) -> tuple[str | None, str, str | None]:
+    """(value or None when the mention says nothing about this study, rule, cue)."""
+    cue = cues.before("uncertain-first", mention) or cues.after("uncertain-first", mention)
+    if cue:
+        return UNCERTAIN, "uncertain-first", cue
+    cue = cues.before("ignored", mention)
+    if cue:
+        return None, "ignored", cue
+    near = _NEGATION_NEAR.search(cues.clause[: mention.start])
+    cue = (near and near.group(0)) or cues.before("negation", mention)
+    cue = cue or cues.after("negation", mention)
+    if cue:
+        return NEGATIVE, "negation", cue
+    if mention.base == NEGATIVE:
+        return NEGATIVE, "descriptor", None
+    cue = cues.before("hedge", mention, reach=_HEDGE_REACH) or cues.after("hedge", mention)
+    if cue:
+        return UNCERTAIN, "hedge", cue
+    if alternative:
+        return UNCERTAIN, "alternative", "or / versus"
+    return mention.base, "descriptor" if mention.base == UNCERTAIN else "plain", None
+
+
+def explain_report(text: str) -> list[Decision]:
+    """Every decision the labeler takes on one report, in reading order."""
+    if not isinstance(text, str):
+        raise TypeError(f"label_report expects report text (str), got {type(text).__name__}")
+    decisions: list[Decision] = []
+    for sentence in _sentences(_labelled_text(text)):
+        decisions.extend(_sentence_decisions(sentence))
+    return decisions
+
+
+# Reports repeat their sentences ("No pneumothorax.", "The lungs are clear."), generated ones
+# most of all: a sentence is labelled once and its decisions kept (they are immutable).
+@functools.lru_cache(maxsize=8192)
+def _sentence_decisions(sentence: str) -> tuple[Decision, ...]:
+    decisions: list[Decision] = []
+    # Matched on the whole sentence: "the lungs are hyperinflated but clear" spans a "but".
+    clear = _CLEAR_LUNGS.search(sentence)
+    if clear:
+        decisions.append(
+            Decision("Lung Opacity", NEGATIVE, clear.group(0), "clear lungs", None, sentence)
+        )
+    for clause in _clauses(sentence):
+        decisions.extend(_clause_decisions(clause))
+    return tuple(decisions)
+
+
+def _clause_decisions(clause: str) -> list[Decision]:
+    mentions = _mentions(clause)
+    if not mentions:
+        return []
+    cues = _Cues(clause)
+    alternatives = _alternatives(clause, mentions)
+    out = []
+    for i, mention in enumerate(mentions):
+        value, rule, cue = _classify(mention, cues, i in alternatives)
+        phrase = clause[mention.start : mention.end]
+        out.append(Decision(mention.observation, value, phrase, rule, cue, clause))
+        # CheXpert: a (possible) CHF or heart failure makes cardiomegaly uncertain.
+        chf = re.fullmatch(r"chf|heart failure", phrase)
+        if mention.observation == "Edema" and value not in (None, NEGATIVE) and chf:
+            out.append(Decision("Cardiomegaly", UNCERTAIN, phrase, "heart failure", None, clause))
+    return out
 
 
 def label_report(text: str) -> dict[str, str]:
     """The 14 CheXpert observations of one report (FINDINGS and/or IMPRESSION text)."""
-    if not isinstance(text, str):
-        raise TypeError(f"label_report expects report text (str), got {type(text).__name__}")
     found: dict[str, str] = {}
-    for sentence in _sentences(_labelled_text(text)):
-        # Matched on the whole sentence: "the lungs are hyperinflated but clear" spans a "but".
-        if _CLEAR_LUNGS.search(sentence):
-            found["Lung Opacity"] = _stronger(found.get("Lung Opacity"), NEGATIVE)
-        for clause in _clauses(sentence):
-            mentions = _mentions(clause)
-            alternatives = _alternatives(clause, mentions)
-            for i, mention in enumerate(mentions):
-                value = _classify(mention, clause, i in alternatives)
-                if value is None:
-                    continue
-                # CheXpert: a (possible) CHF or heart failure makes cardiomegaly uncertain.
-                if (
-                    mention.observation == "Edema"
-                    and value != NEGATIVE
-                    and re.fullmatch(r"chf|heart failure", clause[mention.start : mention.end])
-                ):
-                    found["Cardiomegaly"] = _stronger(found.get("Cardiomegaly"), UNCERTAIN)
-                found[mention.observation] = _stronger(found.get(mention.observation), value)
+    for decision in explain_report(text):
+        if decision.value is not None:
+            found[decision.observation] = _stronger(found.get(decision.observation), decision.value)
     result = {name: found.get(name, NOT_MENTIONED) for name in CHEXPERT_OBSERVATIONS}
     if not found and not text.strip():
         return result
