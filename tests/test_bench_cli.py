@@ -3,6 +3,7 @@ per-phase latency benchmark; `python -m cxrlite.bench.<module>` runs the same su
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -23,7 +24,9 @@ def test_help_lists_every_tool_with_one_line_each():
     assert result.exit_code == 0, result.output
     commands = result.output.split("Commands:\n", 1)[1].splitlines()
     assert [line.split()[0] for line in commands if line.strip()] == list(TOOLS)
-    assert {"latency", "compare", "soak", "load", "llama", "bandwidth", "vision"} == set(TOOLS)
+    assert {"latency", "compare", "soak", "load", "llama", "bandwidth", "vision", "labeler"} == set(
+        TOOLS
+    )
 
 
 @pytest.mark.parametrize("tool", list(TOOLS))
@@ -82,3 +85,15 @@ def test_python_dash_m_runs_the_same_subcommand():
     run = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("Usage: cxrlite bench soak [OPTIONS] BUNDLE")
+
+
+def test_labeler_speed_prints_and_saves_its_figures(tmp_path):
+    source = tmp_path / "reports.txt"
+    source.write_text("No pneumothorax. Small left effusion.\nThe lungs are clear.\n")
+    result = CliRunner().invoke(
+        main, ["bench", "labeler", "--reports", str(source), "--out", str(tmp_path / "l.json")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 reports" in result.output and "reports/s unseen" in result.output
+    saved = json.loads((tmp_path / "l.json").read_text())
+    assert saved["reports"] == 2 and saved["unseen_reports_per_s"] > 0

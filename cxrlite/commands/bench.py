@@ -1,7 +1,7 @@
 """`cxrlite bench`: the benchmarks, one subcommand per tool.
 
     cxrlite bench BUNDLE [options]           # = cxrlite bench latency BUNDLE: per-phase latency
-    cxrlite bench compare|soak|load|llama|bandwidth|vision ...
+    cxrlite bench compare|soak|load|llama|bandwidth|vision|labeler ...
 
 A first argument that is not a subcommand's name goes to `latency`, so `cxrlite bench BUNDLE`
 (and `cxrlite bench --shape 1b`) work as they always did. A bundle folder named like a
@@ -62,6 +62,11 @@ TOOLS = {
         "cxrlite.bench.vision_micro",
         "vision_command",
         "Vision tower of each backend at several batch sizes.",
+    ),
+    "labeler": (
+        "cxrlite.bench.labeler_speed",
+        "labeler_command",
+        "Report labeler speed on one core (reports a second).",
     ),
 }
 

@@ -9,8 +9,20 @@ exclude", "not ruled out", "no new"), then negation, then uncertainty -- but rep
 dependency parse with NegEx-style trigger scopes bounded by clauses ("but", "however", ";",
 "which", ...). Values are positive / negative / uncertain / not mentioned.
 
-Conventions (where the CheXpert labeler is silent or where we depart from it, on purpose):
-- Descriptive anatomy ("heart size", "cardiac silhouette", "mediastinal contours",
+Scopes (what a cue governs), as the CheXpert labeler's dependency parse would read them:
+- A negation ("no", "without", "negative for", ...) governs the whole coordinated list it
+  introduces, up to a clause end ("but", "however", ";", a new clause): size and hedge words
+  inside the list ("no focal consolidation, suspicious opacity, large effusion, or
+  pneumothorax") do not break it. Outside a negated list, ", possible ..." or "and moderate ..."
+  start a new assertion.
+- A hedge governs what it modifies: the next few words after it (`HEDGE_REACH`, labeler_rules), or the
+  finding just before a backward hedge ("effusion is questionable", "may be present").
+- Pseudo-negations ("no change in", "not only", "without change") and change words are
+  rewritten first: "no change in the effusion" asserts the effusion.
+
+Conventions (where the CheXpert labeler is silent or where we depart from it, on purpose; the
+test corpus tests/data/labeler_corpus.md lists each with its reason):
+- Descriptive anatomy ("heart size", "cardiac silhouette", "mediastinal / hilar contours",
   "pulmonary vasculature", "costophrenic angles") counts only with a modifier: enlarged /
   widened -> positive; normal / unremarkable / within normal limits / not enlarged -> negative;
   stable / unchanged / borderline -> uncertain (CheXpert's rule); no modifier -> not mentioned.
@@ -18,17 +30,28 @@ Conventions (where the CheXpert labeler is silent or where we depart from it, on
   Cardiomegaly; an enlarged one is positive for Enlarged Cardiomediastinum only.
 - "The lungs are clear" / "clear lungs" -> Lung Opacity negative.
 - "No change in the moderate right effusion" -> positive; "partially resolved" -> positive.
-- Vascular congestion / redistribution / blunted costophrenic angle -> uncertain Edema /
-  Pleural Effusion (as CheXpert); "CHF" / "heart failure" also make Cardiomegaly uncertain.
+- Vascular congestion / redistribution / cephalization / blunted costophrenic angle ->
+  uncertain Edema / Pleural Effusion; "CHF" / "heart failure" also make Cardiomegaly uncertain.
+- "likely", "suggestive of", "consistent with" assert (CheXpert lists only "less likely");
+  "possible", "may", "questionable", "cannot be excluded", "versus", "or" are uncertain.
+- "X is not seen / identified / appreciated" -> negative.
 - "rule out" / "evaluate for" and the INDICATION / HISTORY / COMPARISON / TECHNIQUE sections
   state nothing about this study: their mentions are ignored (CheXpert negates "rule out").
 - No Finding is positive iff no observation other than Support Devices is positive or
   uncertain and no other abnormality (emphysema, calcification, degenerative change, ...)
   is asserted -- CheXpert's rule; an empty report is all "not mentioned".
-- As CheXpert: "no new consolidation" -> uncertain; "atelectasis or / versus pneumonia" ->
-  both uncertain; "airspace disease" -> Lung Opacity (not Consolidation); "nodular opacity"
-  -> Lung Lesion and Lung Opacity; "tip not visualized" -> uncertain.
+- As CheXpert: "no new consolidation" -> uncertain, also inside a negated list; "atelectasis
+  or / versus pneumonia" -> both uncertain; "airspace disease" -> Lung Opacity (not
+  Consolidation); "nodular opacity" -> Lung Lesion and Lung Opacity; "tip not visualized" ->
+  uncertain. Beyond its phrase lists: "pleural air collection" is a pneumothorax, a
+  "calcified nodule" and "fibronodular" change a lung lesion, "hydropneumothorax" an effusion
+  too.
 - Aggregation over mentions: positive beats uncertain beats negative.
+
+Why no library: medspaCy's ConText (the maintained clinical NegEx/ConText on PyPI) brings spaCy
+and a token pipeline per report onto the request path, and has no CheXpert observation
+vocabulary (its target rules would be these tables again); its trigger and pseudo-negation
+lists, and NegEx's, were read when writing `PSEUDO` and the cue tables (labeler_rules).
 """
 
 from __future__ import annotations
@@ -45,305 +68,52 @@ from cxrlite.data.labels import (
     POSITIVE,
     UNCERTAIN,
 )
+from cxrlite.eval.labeler_rules import (
+    ALTERNATIVE_AFTER,
+    ALTERNATIVE_BEFORE,
+    CARDIOMEDIASTINAL,
+    CLEAR_LUNGS,
+    DESCRIPTORS,
+    EXCLUSIONS,
+    HARD_BOUNDARY,
+    HEDGE_BWD,
+    HEDGE_FWD,
+    HEDGE_REACH,
+    IGNORE_FWD,
+    LIST_GOES_ON,
+    MENTIONS,
+    NEGATION_BWD,
+    NEGATION_FWD,
+    NEGATION_NEAR,
+    NEW_BEFORE,
+    PARENTHETICAL,
+    PSEUDO,
+    SECTION,
+    SKIPPED_SECTIONS,
+    SOFT_BOUNDARY,
+    UNCERTAIN_FIRST_BWD,
+    UNCERTAIN_FIRST_FWD,
+    Descriptor,
+    Mention,
+)
 
 __all__ = ["Decision", "explain_report", "label_report", "label_reports"]
 
-_OTHER = "_other"  # an abnormality outside the 14 observations: only blocks No Finding
 _RANK = {NEGATIVE: 0, UNCERTAIN: 1, POSITIVE: 2}
-
-
-def _rx(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern, re.IGNORECASE)
-
-
-# ---- mentions ------------------------------------------------------------------------------
-
-# (observation, pattern, base value). The base is what an un-negated, un-hedged mention means.
-_MENTIONS: list[tuple[str, re.Pattern[str], str]] = [
-    ("Cardiomegaly", _rx(r"\bcardiomegaly\b|\bcardiac enlargement\b|\benlarged heart\b"), POSITIVE),
-    (
-        "Lung Opacity",
-        _rx(
-            r"\bopaci\w*|\binfiltrat\w*|\bair[- ]?space (disease|process)|\bincreased densit\w*"
-            r"|\bdecreased translucency|\binterstitial (markings?|pattern|lung disease|abnormalit\w*)"
-            r"|\breticula\w*|\breticulonodular|\bparenchymal scarring|\bscar(s|ring)?\b"
-            r"|\bperibronchial (thickening|cuffing)|\bground[- ]glass|\bhaziness\b"
-        ),
-        POSITIVE,
-    ),
-    (
-        "Lung Lesion",
-        _rx(
-            r"\bnodul\w*|\bfibronodular\b|\bmass(es)?\b|\btumou?rs?\b|\bneoplasms?\b|\bcarcinoma\b"
-            r"|\blesions?\b|\blump\b"
-        ),
-        POSITIVE,
-    ),
-    ("Edema", _rx(r"\bedema\b|\bheart failure\b|\bchf\b|\bfluid overload\b"), POSITIVE),
-    (
-        "Edema",
-        _rx(
-            r"\b(vascular|venous|pulmonary) (congestion|engorgement|redistribution|prominence)"
-            r"|\bcephalization\b|\bindistinctness\b|\bkerley b lines\b"
-        ),
-        UNCERTAIN,
-    ),
-    ("Consolidation", _rx(r"\bconsolidat\w*"), POSITIVE),
-    ("Pneumonia", _rx(r"\b(broncho)?pneumonias?\b|\binfect\w*"), POSITIVE),
-    ("Atelectasis", _rx(r"\batelecta\w*|\bcollapsed?\b"), POSITIVE),
-    (
-        "Pneumothorax",
-        _rx(r"\b(hydro)?pneumothora(x|ces)\b|\bptx\b|\bpleural air( collection)?\b"),
-        POSITIVE,
-    ),
-    (
-        "Pleural Effusion",
-        _rx(r"\beffusions?\b|\bpleural fluid\b|\bhydrothorax\b|\bhydropneumothorax\b"),
-        POSITIVE,
-    ),
-    (
-        "Pleural Effusion",
-        _rx(
-            r"\bblunt(ing|ed)? (of )?(both |the )?(\w+ )?costophrenic (angles?|sulc(us|i))"
-            r"|\bcostophrenic (angles? )?blunting"
-        ),
-        UNCERTAIN,
-    ),
-    (
-        "Pleural Other",
-        _rx(
-            r"\bpleural (thickening|plaques?|scar\w*)|\bfibrothorax\b"
-            r"|\bpleuro-?parenchymal (scar\w*|thickening)|\bapical (pleural )?cap(ping)?\b"
-        ),
-        POSITIVE,
-    ),
-    ("Fracture", _rx(r"\bfractur\w*|\bfx\b"), POSITIVE),
-    (
-        "Support Devices",
-        _rx(
-            r"\btubes?\b|\bett\b|\bcatheters?\b|\bpacemakers?\b|\bpacers?\b|\bpicc\b|\ba?icd\b"
-            r"|\bdefibrillators?\b|\bdevices?\b|\bdrains?\b|\bstents?\b|\bclips?\b|\bwires?\b"
-            r"|\bleads?\b(?! to)|\bport-?a-?cath\b|\bmediport\b|\bport\b|\bhardware\b|\bcannula\b"
-            r"|\bcoils?\b|\btracheostomy\b|\bvalve (replacement|prosthesis)|\bprosthetic \w* ?valve"
-            r"|\bswan[- ]ganz\b|\b(central|venous|arterial|jugular|ij|subclavian|picc|midline|femoral"
-            r"|dialysis|support|port|pa|swan[- ]ganz) (\w+ )?lines?\b|\blines and tubes\b"
-        ),
-        POSITIVE,
-    ),
-    (
-        _OTHER,
-        _rx(
-            r"\bemphysema\w*|\bhyperinflat\w*|\bhyperexpan\w*|\bscoliosis\b|\bkyphosis\b|\bdegenera\w*"
-            r"|\bcalcifi\w*|\bgranulomas?\b|\bhernia\w*|\beventration\b|\belevat\w*|\btortu\w*"
-            r"|\batherosclero\w*|\bplaques?\b|\bbronchiectasis\b|\bthickening\b|\bprominen\w*"
-            r"|\bpneumomediastinum\b|\bpneumoperitoneum\b|\baspiration\b|\bpericardial effusion"
-            r"|\bdeformit\w*|\bvolume loss\b|\bhematoma\b|\bhemorrhage\b|\bmetasta\w*|\bosteopenia\b"
-            r"|\bosteophyt\w*|\bcopd\b|\bbronchitis\b|\bbullae?\b|\bfibrosis\b|\bcavit\w*"
-            r"|\blymphadenopathy\b|\badenopathy\b|\bcysts?\b|\bcardiomediastinal shift\b"
-        ),
-        POSITIVE,
-    ),
-]
-
-# A mention inside one of these spans is not a mention of that observation.
-_EXCLUSIONS: dict[str, re.Pattern[str]] = {
-    "Pleural Effusion": _rx(r"\bpericardial effusions?\b"),
-    "Lung Lesion": _rx(
-        r"\bcalcified (\w+ )?nodul\w*|\b(lytic|sclerotic|blastic|osseous|bone|bony|skin"
-        r"|cutaneous) lesions?\b|\bsoft tissue mass\w*"
-    ),
-    "Edema": _rx(r"\b(soft tissue|subcutaneous|chest wall) edema\b"),
-    "Lung Opacity": _rx(r"\bpleural scar\w*"),
-    "Atelectasis": _rx(r"\b(vertebral|compression|body) collapse\b"),
-    "Support Devices": _rx(
-        r"\bpleural lines?\b|\bkerley b lines\b|\bmidline\b(?! (\w+ )?(catheter|line))"
-    ),
-}
-
-
-@dataclass(frozen=True)
-class _Descriptor:
-    """Anatomy that is only a finding through its modifier ("heart size is normal")."""
-
-    observations: tuple[str, ...]
-    pattern: re.Pattern[str]
-    negative: re.Pattern[str]
-    positive: re.Pattern[str] | None
-    uncertain: re.Pattern[str] | None
-
-
-_NORMAL = r"normal|unremarkable|within normal limits|(at |within )?(the )?upper limits? of normal|top[- ]normal|upper normal"
-_STABLE = r"stable|unchanged|similar|borderline|difficult to (assess|evaluate)|not well (assessed|evaluated)|poorly (assessed|evaluated)|cannot be (assessed|evaluated)|obscured"
-_DESCRIPTORS: list[_Descriptor] = [
-    _Descriptor(
-        ("Cardiomegaly",),
-        _rx(
-            r"\b(heart( size)?|cardiac (silhouette|size|contours?|shadow)|size of the (heart|cardiac silhouette)"
-            r"|cardiac and mediastinal (silhouettes?|contours?))\b(?! failure)"
-        ),
-        _rx(rf"\b({_NORMAL}|not (\w+ly )?(enlarged|increased))\b"),
-        _rx(r"\b(enlarg\w*|increased)\b"),
-        _rx(rf"\b({_STABLE})\b"),
-    ),
-    _Descriptor(
-        ("Enlarged Cardiomediastinum",),
-        _rx(
-            r"\b(cardio)?mediastin(al|um)\b( and hilar)?( (contours?|silhouettes?|configuration|shadow|width))?"
-        ),
-        _rx(rf"\b({_NORMAL}|not (\w+ly )?(widened|enlarged))\b"),
-        _rx(r"\b(widen\w*|enlarg\w*)\b"),
-        _rx(rf"\b({_STABLE})\b"),
-    ),
-    _Descriptor(
-        ("Edema",),
-        _rx(
-            r"\bpulmonary (vascularity|vasculature|vessels|vascular markings)\b|\bvascular markings\b"
-        ),
-        _rx(rf"\b({_NORMAL}|not (engorged|congested|prominent))\b"),
-        None,
-        _rx(
-            r"\b(engorge\w*|congest\w*|prominen\w*|cephaliz\w*|redistribut\w*|increased|indistinct\w*)\b"
-        ),
-    ),
-    _Descriptor(
-        ("Pleural Effusion",),
-        _rx(r"\bcostophrenic (angles?|sulc(us|i))\b"),
-        _rx(r"\b(sharp|clear|normal|preserved)\b"),
-        None,
-        _rx(r"\bblunt\w*"),
-    ),
-]
-_CARDIOMEDIASTINAL = _rx(r"^cardiomediastin")
-_CLEAR_LUNGS = _rx(
-    r"\blungs?\b( \w+){0,2} (is|are|remains?|appears?)( \w+){0,3} clear\b|\bclear lungs?\b"
-    r"|\blungs? (otherwise )?clear\b"
-)
-
-
-@dataclass(frozen=True)
-class _Mention:
-    observation: str
-    start: int
-    end: int
-    base: str
-
-
-# ---- triggers ------------------------------------------------------------------------------
-
-_HEDGE_WORDS = (
-    r"possible|possibly|probable|probably|likely|unlikely|questionable|question of|questioned"
-    r"|suspect\w*|suspicious|suspicion|concern(ing)? for|worrisome|may|might|could|would"
-    r"|suggest\w*|consider\w*|differential|presum\w*|equivocal|indeterminate|maybe|perhaps"
-    r"|favor\w*|correlat\w*|potential|potentially|unclear|uncertain|whether|cannot be determined"
-)
-# How far a hedge reaches forward, in words: it modifies what follows it, not a later clause's
-# finding ("Possibly small effusion" yes; "could be positional, with mild edema" no).
-_HEDGE_REACH = 6
-_GRADES = r"mild|mildly|moderate|moderately|severe|severely|small|large|trace|minimal|marked"
-# Forward triggers act on mentions after them, backward ones on mentions before them.
-_UNCERTAIN_FIRST_FWD = _rx(
-    r"\b(cannot|can not|can't|could not|unable to)( (entirely|completely|definitely))? (exclude|rule out)\b"
-    r"|\bno new\b|\bdifficult to exclude\b"
-)
-_UNCERTAIN_FIRST_BWD = _rx(
-    r"\b(cannot|can not|can't|could not)( be)?( (entirely|completely|definitely))? (excluded|ruled out)\b"
-    r"|\bnot( be)?( (entirely|completely|definitely))? (excluded|ruled out)\b"
-)
-_IGNORE_FWD = _rx(r"\b(rule out|r/o|evaluate for|evaluation for|eval for|assess for|to exclude)\b")
-_NEGATION_FWD = _rx(
-    r"\bno\b|\bwithout\b|\bfree of\b|\bnegative for\b|\babsence of\b|\bresolution of\b"
-    r"|\bremoval of\b|\brather than\b|\bclear(ing)? of\b|\bneither\b|\bnor\b"
-)
-_NEGATION_BWD = _rx(
-    r"\bno longer \w+|\bnot (\w+ly )?(seen|identified|present|demonstrated|evident|detected|noted"
-    r"|appreciated|apparent|visible)\b|\b(resolved|cleared)\b|\bremoved\b|\babsent\b"
-    r"|\b(is|are|was|were) excluded\b"
-)
-# "resolved" as an adjective: only the mention right after it ("resolved left consolidation").
-_NEGATION_NEAR = _rx(r"\bresolved( \w+){0,3} $")
-_HEDGE_FWD = _rx(rf"\b({_HEDGE_WORDS})\b")
-_HEDGE_BWD = _rx(
-    # "effusion is likely (present)" hedges the effusion; "opacities are likely atelectasis"
-    # hedges only the atelectasis, which the forward "likely" covers.
-    r"\b(is|are)( also)? (possible|likely|probable|suspected|questioned|favored|considered"
-    r"|a consideration)\b(?=\s*$|\s+(present|given|due|related|secondary|over|in|on|at|but|and)\b)"
-    r"|\b(is|are|was|were)( also)? (possibly|probably|likely|questionably|perhaps|potentially)\b"
-    r"|\bnot (well )?(visualized|evaluated|assessed)\b"
-    r"|\b(poorly|incompletely) (evaluated|assessed|visualized)\b"
-)
-_ALTERNATIVE_BEFORE = _rx(r"\b(or|versus|vs)\b[\s,]*(\w+[\s,]+){0,3}$")
-_ALTERNATIVE_AFTER = _rx(r"^[\s,]*(or|versus|vs)\b")
-
-# Pseudo-negations: "no change in the effusion" says the effusion is still there.
-_PSEUDO = [
-    (
-        _rx(
-            r"\b(no|without|not)( (\w+ly|significant|substantial|appreciable|interval|definite|major"
-            r"|marked|obvious|notable))* (change|changes|changed|increase|decrease|improvement"
-            r"|worsening|progression|difference)\b"
-        ),
-        "unchanged",
-    ),
-    (
-        _rx(
-            r"\b(partially|partly|nearly|almost|incompletely|largely|mostly|not (yet )?(completely"
-            r"|fully|entirely)?) ?(resolved|resolving|cleared|clearing)\b"
-        ),
-        "improved",
-    ),
-    (_rx(r"\bpartial (resolution|clearing)\b"), "improvement"),
-    (_rx(r"\bnot only\b"), "also"),
-    (_rx(r"\band/or\b"), "or"),
-]
-# Clause ends: negation and hedges do not reach across these.
-_HARD_BOUNDARY = _rx(
-    r";|:|\b(but|however|although|though|whereas|while|which|except|aside from|apart from"
-    r"|other than|besides|with the exception of)\b|,\s*(?=(and )?(there|the|this|these|it)\b)"
-    r"|\band (?=(there|the)\b)|\b(is|are|was|were) (seen|identified|present|noted|demonstrated"
-    r"|evident|appreciated)\b"
-)
-# Where a new assertion may start: a hedge or a graded finding after a comma or "and" ("No
-# pneumothorax, possible small effusion"; "No effusion and moderate cardiomegaly"). Not inside a
-# negated list that goes on to its "or" item: "No focal consolidation, suspicious opacity, large
-# effusion, or pneumothorax is seen" negates all four (the negation governs the whole list).
-_SOFT_BOUNDARY = _rx(
-    rf",\s*(?=({_HEDGE_WORDS})\b)|(,|\band)\s*(?=(a |an )?({_GRADES})\b)"
-    r"|\band (?=(stable|persistent|unchanged|increased|decreased|enlarged|worsening|improving)\b)"
-)
-_LIST_GOES_ON = _rx(r"\b(or|nor)\b")
-
-_SECTION = _rx(
-    r"\b(findings|impression|indication|history|clinical history|clinical information|reason for"
-    r" (exam|examination|study)|comparisons?|technique|examination|exam|procedure|conclusions?"
-    r"|recommendations?|notification|wet read|final report|addendum)\s*:"
-)
-_SKIPPED_SECTIONS = {
-    "indication",
-    "history",
-    "clinical history",
-    "clinical information",
-    "reason for exam",
-    "reason for examination",
-    "reason for study",
-    "comparison",
-    "comparisons",
-    "technique",
-    "examination",
-    "exam",
-    "procedure",
-}
 
 
 # ---- text -> sentences -> clauses ----------------------------------------------------------
 
 
 def _labelled_text(text: str) -> str:
-    """The report without the sections that say nothing about this study (indication, ...)."""
+    """The report, lower-cased, without the sections that say nothing about this study
+    (indication, ...)."""
+    text = text.lower()
     kept, pos, skipping = [], 0, False
-    for m in _SECTION.finditer(text):
+    for m in SECTION.finditer(text):
         if not skipping:
             kept.append(text[pos : m.start()])
-        skipping = m.group(1).lower() in _SKIPPED_SECTIONS
+        skipping = m.group(1).lower() in SKIPPED_SECTIONS
         pos = m.end()
         kept.append(". ")
     if not skipping:
@@ -356,8 +126,10 @@ def _sentences(text: str) -> list[str]:
     # Blank lines and numbered list items end sentences; single newlines are line wrapping.
     text = re.sub(r"\n\s*\n|\n\s*(?=\d+[.)]\s)", ". ", text)
     text = re.sub(r"\s+", " ", text).lower()
-    for pattern, replacement in _PSEUDO:
+    for pattern, replacement in PSEUDO:
         text = pattern.sub(replacement, text)
+    # "the cardiac silhouette, however, is enlarged": a parenthetical, not a clause end
+    text = PARENTHETICAL.sub(" ", text)
     parts = re.split(r"(?<=[.!?])\s+|\.(?=[a-z])", text)
     return [p.strip(" .!?") for p in parts if p.strip(" .!?")]
 
@@ -373,14 +145,12 @@ def _split(text: str, cuts: Iterable[re.Match[str]]) -> list[str]:
 
 def _clauses(sentence: str) -> list[str]:
     clauses = []
-    for part in _split(sentence, _HARD_BOUNDARY.finditer(sentence)):
-        negation = _NEGATION_FWD.search(part)
+    for part in _split(sentence, HARD_BOUNDARY.finditer(sentence)):
+        negation = NEGATION_FWD.search(part)
         cuts = [
             m
-            for m in _SOFT_BOUNDARY.finditer(part)
-            if not (
-                negation and negation.end() <= m.start() and _LIST_GOES_ON.search(part, m.end())
-            )
+            for m in SOFT_BOUNDARY.finditer(part)
+            if not (negation and negation.end() <= m.start() and LIST_GOES_ON.search(part, m.end()))
         ]
         clauses.extend(_split(part, cuts))
     return [c for c in clauses if c.strip()]
@@ -390,13 +160,13 @@ def _clauses(sentence: str) -> list[str]:
 
 
 def _excluded(observation: str, start: int, end: int, clause: str) -> bool:
-    pattern = _EXCLUSIONS.get(observation)
+    pattern = EXCLUSIONS.get(observation)
     return pattern is not None and any(
         m.start() <= start and end <= m.end() for m in pattern.finditer(clause)
     )
 
 
-def _descriptor_value(descriptor: _Descriptor, clause: str, start: int, end: int) -> str | None:
+def _descriptor_value(descriptor: Descriptor, clause: str, start: int, end: int) -> str | None:
     """The value set by the modifier nearest the descriptor: just before it, else after it."""
     words_before = clause[:start].split()
     # "the heart and mediastinum are normal": a conjoined descriptor shares the modifier.
@@ -421,45 +191,33 @@ def _descriptor_value(descriptor: _Descriptor, clause: str, start: int, end: int
     return None
 
 
-# One pass that tells whether a clause mentions anything at all (most report clauses name an
-# observation, many do not: "PA and lateral views of the chest were obtained").
-_ANY_MENTION = _rx(
-    "|".join(f"(?:{p.pattern})" for _, p, _ in _MENTIONS)
-    + "|"
-    + "|".join(f"(?:{d.pattern.pattern})" for d in _DESCRIPTORS)
-)
-
-
-def _mentions(clause: str) -> list[_Mention]:
-    if not _ANY_MENTION.search(clause):
-        return []
-    found: list[_Mention] = []
-    for observation, pattern, base in _MENTIONS:
+def _mentions(clause: str) -> list[Mention]:
+    found: list[Mention] = []
+    for observation, pattern, base in MENTIONS:
         for m in pattern.finditer(clause):
             if not _excluded(observation, m.start(), m.end(), clause):
-                found.append(_Mention(observation, m.start(), m.end(), base))
-    for descriptor in _DESCRIPTORS:
+                found.append(Mention(observation, m.start(), m.end(), base))
+    for descriptor in DESCRIPTORS:
         for m in descriptor.pattern.finditer(clause):
             value = _descriptor_value(descriptor, clause, m.start(), m.end())
             if value is None:
                 continue
             names = descriptor.observations
-            if value == NEGATIVE and _CARDIOMEDIASTINAL.match(m.group(0)):
+            if value == NEGATIVE and CARDIOMEDIASTINAL.match(m.group(0)):
                 names += ("Cardiomegaly",)
-            found.extend(_Mention(name, m.start(), m.end(), value) for name in names)
+            found.extend(Mention(name, m.start(), m.end(), value) for name in names)
     return sorted(found, key=lambda x: (x.start, x.end))
 
 
 # ---- classification --------------------------------------------------------------------------
 
 
-def _alternatives(clause: str, mentions: list[_Mention]) -> set[int]:
+def _alternatives(clause: str, mentions: list[Mention]) -> set[int]:
     """Indexes of mentions offered as alternatives: "atelectasis or pneumonia", "A versus B"."""
     chosen = {
         i
         for i, m in enumerate(mentions)
-        if _ALTERNATIVE_BEFORE.search(clause[: m.start])
-        or _ALTERNATIVE_AFTER.search(clause[m.end :])
+        if ALTERNATIVE_BEFORE.search(clause[: m.start]) or ALTERNATIVE_AFTER.search(clause[m.end :])
     }
     # "A, B, or C": the alternative spreads back over comma-joined list items.
     for i in sorted(chosen, reverse=True):
@@ -484,10 +242,10 @@ class Decision:
 
 
 _CUES = {
-    "uncertain-first": (_UNCERTAIN_FIRST_FWD, _UNCERTAIN_FIRST_BWD),
-    "ignored": (_IGNORE_FWD, None),
-    "negation": (_NEGATION_FWD, _NEGATION_BWD),
-    "hedge": (_HEDGE_FWD, _HEDGE_BWD),
+    "uncertain-first": (UNCERTAIN_FIRST_FWD, UNCERTAIN_FIRST_BWD),
+    "ignored": (IGNORE_FWD, None),
+    "negation": (NEGATION_FWD, NEGATION_BWD),
+    "hedge": (HEDGE_FWD, HEDGE_BWD),
 }
 
 
@@ -502,7 +260,7 @@ class _Cues:
             for way, pattern in zip(("fwd", "bwd"), patterns, strict=True)
         }
 
-    def before(self, name: str, mention: _Mention, reach: int | None = None) -> str | None:
+    def before(self, name: str, mention: Mention, reach: int | None = None) -> str | None:
         """The nearest forward cue ending before the mention (at most `reach` words before)."""
         for m in reversed(self.found[(name, "fwd")]):
             if m.end() <= mention.start:
@@ -511,14 +269,14 @@ class _Cues:
                 return m.group(0)
         return None
 
-    def after(self, name: str, mention: _Mention) -> str | None:
+    def after(self, name: str, mention: Mention) -> str | None:
         return next(
             (m.group(0) for m in self.found[(name, "bwd")] if m.start() >= mention.end), None
         )
 
 
 def _classify(
-    mention: _Mention, cues: _Cues, alternative: bool
+    mention: Mention, cues: _Cues, alternative: bool
 ) -> tuple[str | None, str, str | None]:
     """(value or None when the mention says nothing about this study, rule, cue)."""
     cue = cues.before("uncertain-first", mention) or cues.after("uncertain-first", mention)
@@ -527,14 +285,17 @@ def _classify(
     cue = cues.before("ignored", mention)
     if cue:
         return None, "ignored", cue
-    near = _NEGATION_NEAR.search(cues.clause[: mention.start])
+    near = NEGATION_NEAR.search(cues.clause[: mention.start])
     cue = (near and near.group(0)) or cues.before("negation", mention)
     cue = cue or cues.after("negation", mention)
     if cue:
+        # CheXpert's "no new X", also inside a list: an old X may still be there
+        if NEW_BEFORE.search(cues.clause[: mention.start]):
+            return UNCERTAIN, "uncertain-first", f"{cue} ... new"
         return NEGATIVE, "negation", cue
     if mention.base == NEGATIVE:
         return NEGATIVE, "descriptor", None
-    cue = cues.before("hedge", mention, reach=_HEDGE_REACH) or cues.after("hedge", mention)
+    cue = cues.before("hedge", mention, reach=HEDGE_REACH) or cues.after("hedge", mention)
     if cue:
         return UNCERTAIN, "hedge", cue
     if alternative:
@@ -558,7 +319,7 @@ def explain_report(text: str) -> list[Decision]:
 def _sentence_decisions(sentence: str) -> tuple[Decision, ...]:
     decisions: list[Decision] = []
     # Matched on the whole sentence: "the lungs are hyperinflated but clear" spans a "but".
-    clear = _CLEAR_LUNGS.search(sentence)
+    clear = CLEAR_LUNGS.search(sentence)
     if clear:
         decisions.append(
             Decision("Lung Opacity", NEGATIVE, clear.group(0), "clear lungs", None, sentence)
