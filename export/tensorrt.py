@@ -1,15 +1,8 @@
-"""Build a TensorRT engine from the vision tower ONNX graph and check it (the runner and the
-version rules: `cxrlite.runtime.tensorrt_runner`).
+"""Build a TensorRT engine from the vision tower ONNX graph and check it against its reference.
 
-What TensorRT can do depends on its version and the GPU, and an engine only runs on the GPU
-model and TensorRT version that built it, so the version rules are pure functions (tested
-everywhere) and every engine carries the metadata `engine_matches` checks:
-- TensorRT < 10 lacks the name-based tensor API used here.
-- 10.0-10.4 run on compute capability >= 7.0; 10.5 removed Volta (7.0), so a V100 needs
-  TensorRT <= 10.4 (or onnxruntime's CUDA provider). 11.x also starts at 7.5.
-- 10.x: fp16 through BuilderFlag.FP16 on an fp32 graph ("flag"), or an fp16 graph built
-  strongly typed. 11.x removed the flag: networks are always strongly typed, so fp16 must be in
-  the graph ("graph"; use the fp16 ONNX variant from cxrlite.export.onnx).
+Which TensorRT runs on which GPU, and how fp16 is asked for (a builder flag on 10.x, the graph
+itself on 11.x), are the version rules of `cxrlite.runtime.tensorrt_runner`, which also runs the
+engines; every engine built here records the metadata its `engine_matches` checks.
 """
 
 from __future__ import annotations

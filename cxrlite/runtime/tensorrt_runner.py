@@ -8,7 +8,7 @@ everywhere) and every engine carries the metadata `engine_matches` checks:
   TensorRT <= 10.4 (or onnxruntime's CUDA provider). 11.x also starts at 7.5.
 - 10.x: fp16 through BuilderFlag.FP16 on an fp32 graph ("flag"), or an fp16 graph built
   strongly typed. 11.x removed the flag: networks are always strongly typed, so fp16 must be in
-  the graph ("graph"; use the fp16 ONNX variant from cxrlite.export.onnx).
+  the graph ("graph"; the bundle's fp16 ONNX variant, which cxrlite.export.onnx writes).
 """
 
 from __future__ import annotations
