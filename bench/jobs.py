@@ -21,11 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxrlite.data.prompts import FINDINGS_PROMPT
 from cxrlite.errors import CxrliteError
 
 DEFAULT_VISION = ("torch", "torch-bf16", "onnx-fp32", "onnx-fp16", "onnx-int8", "tensorrt")
-PROMPT = FINDINGS_PROMPT
 REPEAT_QUESTION = "Is there a pleural effusion?"  # the follow-up question about the same image
 
 

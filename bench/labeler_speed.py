@@ -41,16 +41,16 @@ def phantom_reports(n: int, seed: int = 0) -> list[str]:
 
 
 def measure(reports: list[str], repeats: int = 3) -> dict[str, Any]:
-    from cxrlite.eval.labeler import _sentence_decisions, label_report
+    from cxrlite.eval.labeler import forget_sentences, label_report
 
     def rate(clear_each: bool) -> float:
         best = 0.0
         for _ in range(repeats):
-            _sentence_decisions.cache_clear()
+            forget_sentences()
             start = time.perf_counter()
             for text in reports:
                 if clear_each:
-                    _sentence_decisions.cache_clear()
+                    forget_sentences()
                 label_report(text)
             best = max(best, len(reports) / (time.perf_counter() - start))
         return best

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from cxrlite.bench.backends import open_llm_spec, open_vision_spec
-from cxrlite.bench.jobs import PROMPT, REPEAT_QUESTION, BenchError, ms, timed
+from cxrlite.bench.jobs import REPEAT_QUESTION, BenchError, ms, timed
 from cxrlite.bench.memory import MemorySampler, mb
+from cxrlite.data.prompts import FINDINGS_PROMPT
 
 PHASES = ("decode_ms", "preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "e2e_ms")
 
@@ -33,7 +34,9 @@ def prompt_segments(bundle: Any, tokenizer: Any, embeds: np.ndarray) -> tuple[li
     from cxrlite.model.tokenizer import format_prompt
 
     cfg = bundle.config
-    ids = tokenizer.encode(format_prompt(tokenizer, PROMPT, True), add_special_tokens=False)
+    ids = tokenizer.encode(
+        format_prompt(tokenizer, FINDINGS_PROMPT, True), add_special_tokens=False
+    )
     at = ids.index(cfg.image_token_id)
     segments = [s for s in (ids[:at], embeds, ids[at + 1 :]) if len(s)]
     return segments, len(ids) - 1 + len(embeds)
@@ -137,8 +140,8 @@ def repeated_image(
         if forget is not None:
             forget()
         runs = {
-            "cold": runtime.complete(PROMPT, data, max_tokens=1),
-            "same": runtime.complete(PROMPT, data, max_tokens=1),
+            "cold": runtime.complete(FINDINGS_PROMPT, data, max_tokens=1),
+            "same": runtime.complete(FINDINGS_PROMPT, data, max_tokens=1),
             "other": runtime.complete(REPEAT_QUESTION, data, max_tokens=1),
         }
         if i < job["warmup"]:

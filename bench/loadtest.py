@@ -46,7 +46,6 @@ from cxrlite.errors import CxrliteError
 logger = logging.getLogger(__name__)
 
 SCHEMA = "cxrlite-loadtest/1"
-DEFAULT_PROMPT = FINDINGS_PROMPT
 CHAT_PATH = "/v1/chat/completions"
 
 
@@ -241,7 +240,7 @@ async def run_loadtest_async(
     requests: int = 16,
     duration: float | None = None,
     image: str | None = None,
-    prompt: str = DEFAULT_PROMPT,
+    prompt: str = FINDINGS_PROMPT,
     max_tokens: int = 64,
     api_key: str | None = None,
     model: str | None = None,
@@ -326,7 +325,7 @@ def print_summary(result: dict[str, Any]) -> None:
 @click.option("--duration", type=float, default=None, help="At most this many seconds per level.")
 @click.option("--image", type=click.Path(dir_okay=False), default=None,
               help="Radiograph to send [default: text only].")
-@click.option("--prompt", default=DEFAULT_PROMPT, help="[default: the findings prompt]")
+@click.option("--prompt", default=FINDINGS_PROMPT, help="[default: the findings prompt]")
 @click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--api-key", default=None, help="Bearer token, if the server wants one.")
 @click.option("--model", default=None, help="Model id [default: the first of /v1/models].")

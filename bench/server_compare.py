@@ -34,7 +34,6 @@ import click
 
 from cxrlite.bench.options import int_list, run_subcommand
 from cxrlite.bench.servers import (
-    DEFAULT_PROMPT,
     DEFAULT_THREADS,
     ServerCompareError,
     bundle_llm,
@@ -45,6 +44,7 @@ from cxrlite.bench.servers import (
     running_server,
     server_options,
 )
+from cxrlite.data.prompts import FINDINGS_PROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def run_compare(
     concurrency: Sequence[int] = (1, 4, 8),
     requests: int = 16,
     max_tokens: int = 64,
-    prompt: str = DEFAULT_PROMPT,
+    prompt: str = FINDINGS_PROMPT,
     threads: int = DEFAULT_THREADS,
     llm_variant: str | None = None,
     warmup: int = 2,

@@ -35,7 +35,6 @@ STOP_GRACE_S = 20.0
 # One thread each by default: the client runs on the same machine, and llama.cpp's and
 # onnxruntime's thread pools collapse when oversubscribed (spinning threads fight for cores).
 DEFAULT_THREADS = 1
-DEFAULT_PROMPT = FINDINGS_PROMPT
 
 
 class ServerCompareError(CxrliteError, RuntimeError):
@@ -57,7 +56,7 @@ _SERVER_OPTIONS = [
     click.option("--threads", type=click.IntRange(1), default=DEFAULT_THREADS, show_default=True,
                  help="Threads per server."),
     click.option("--llm-variant", default=None, help="A GGUF variant [default: the bundle's]."),
-    click.option("--prompt", default=DEFAULT_PROMPT, help="[default: the findings prompt]"),
+    click.option("--prompt", default=FINDINGS_PROMPT, help="[default: the findings prompt]"),
     click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True),
     click.option("--start-timeout", type=float, default=300.0, show_default=True,
                  help="Seconds for a server to be ready."),

@@ -26,7 +26,6 @@ import click
 
 from cxrlite.bench.options import run_subcommand
 from cxrlite.bench.servers import (
-    DEFAULT_PROMPT,
     DEFAULT_THREADS,
     RssSampler,
     ServerCompareError,
@@ -36,6 +35,7 @@ from cxrlite.bench.servers import (
     running_server,
     server_options,
 )
+from cxrlite.data.prompts import FINDINGS_PROMPT
 
 SCHEMA_SOAK = "cxrlite-soak/1"
 RSS_TARGET = 0.10  # "resident memory flat within 10%"
@@ -90,7 +90,7 @@ def run_soak(
     duration: float = 120.0,
     image: str | Path | None = None,
     distinct_images: int = 300,
-    prompt: str = DEFAULT_PROMPT,
+    prompt: str = FINDINGS_PROMPT,
     max_tokens: int = 64,
     threads: int = DEFAULT_THREADS,
     llm_variant: str | None = None,

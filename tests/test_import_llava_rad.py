@@ -18,6 +18,7 @@ from published_testkit import VICUNA_SYSTEM, timm_reference, write_llava_rad, wr
 
 from cxrlite.bundle import load_bundle, sha256_file
 from cxrlite.cli import main
+from cxrlite.data.labels import CHEXPERT_OBSERVATIONS
 from cxrlite.export.importers.llava_rad import FINDINGS_PROMPT, import_llava_rad
 from cxrlite.imaging.preprocess import preprocess
 from cxrlite.runtime import Runtime
@@ -107,7 +108,8 @@ def test_prompt_ids_are_llava_rads_chunked_tokenization(published, imported):
     assert report["impression"] is None and report["notes"]
     assert report["finish_reason"] == {"findings": "length", "impression": None}
     assert report["usage"] == {"prompt_tokens": len(want) - 1 + 1369, "completion_tokens": 6}
-    assert set(report["labels"]) and report["variants"] == {
+    assert set(report["labels"]) == set(CHEXPERT_OBSERVATIONS)
+    assert report["variants"] == {
         "vision": "onnx-fp32",
         "llm": "gguf-f16",
     }

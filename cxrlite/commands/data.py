@@ -158,19 +158,19 @@ def label(source: Path, out: Path, explain: bool) -> None:
     SOURCE is a .txt file (one report per line) or JSONL with `id` and `text`. Writes one
     {"id": ..., "labels": {...}} per report (with --explain, its "decisions" too).
     """
-    from cxrlite.eval.label_files import label_file, label_record, read_reports
+    from cxrlite.eval.label_files import label_file
 
-    n = label_file(source, out, explain=explain)
+    records = label_file(source, out, explain=explain)
     if explain:
-        for id_, text in read_reports(source):
-            click.echo(f"[{id_}]")
-            for d in label_record(id_, text, explain=True)["decisions"]:
+        for record in records:
+            click.echo(f"[{record['id']}]")
+            for d in record["decisions"]:
                 cue = f' (cue "{d["cue"]}")' if d["cue"] else ""
                 click.echo(
                     f'  {d["observation"]}: {d["value"]} <- "{d["phrase"]}" by {d["rule"]}{cue}'
                     f' in "{d["scope"]}"'
                 )
-    click.echo(f"labeled {n} reports -> {out}")
+    click.echo(f"labeled {len(records)} reports -> {out}")
 
 
 @data.command("import")

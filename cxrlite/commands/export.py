@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -77,6 +78,12 @@ def export(
         overwrite=overwrite,
     )
     click.echo(f"bundle {out}")
+    echo_variants(bundle)
+
+
+def echo_variants(bundle: Any) -> None:
+    """One line per variant (file, size, parity), then the defaults: what export and import
+    print about the bundle they wrote."""
     for section in VARIANT_SECTIONS:
         for name, variant in bundle.variants(section).items():
             size = bundle.variant_bytes(section, name)

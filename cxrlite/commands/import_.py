@@ -11,20 +11,14 @@ from typing import Any
 
 import click
 
-from cxrlite.bundle import VARIANT_SECTIONS
+from cxrlite.commands.export import echo_variants
 
 
 def _summary(bundle: Any, checkpoint: Path) -> None:
     record = bundle.provenance
     click.echo(f"bundle {bundle.path} ({record['model']}; {record['license']})")
     click.echo(f"  checkpoint {checkpoint} (the PyTorch reference for eval, quantize, GPTQ)")
-    for section in VARIANT_SECTIONS:
-        for name, variant in bundle.variants(section).items():
-            parity = variant.parity or {}
-            figures = ", ".join(
-                f"{k}={v:.3g}" for k, v in parity.items() if k.startswith("max_abs")
-            )
-            click.echo(f"  {section:6s} {name:14s} {variant.file}  parity {figures or '-'}")
+    echo_variants(bundle)
 
 
 def _common(fn: Any) -> Any:

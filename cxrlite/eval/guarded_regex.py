@@ -41,9 +41,6 @@ class GuardedRegex:
     def match(self, text: str, pos: int = 0) -> re.Match[str] | None:
         return self.regex.match(text, pos)
 
-    def fullmatch(self, text: str) -> re.Match[str] | None:
-        return self.regex.fullmatch(text)
-
     def sub(self, replacement: str, text: str) -> str:
         return text if self._absent(text) else self.regex.sub(replacement, text)
 

@@ -39,13 +39,14 @@ def read_reports(source: Path) -> list[tuple[Any, str]]:
     return [(row["id"], row["text"]) for row in rows]
 
 
-def label_file(source: Path, out: Path, explain: bool = False) -> int:
-    """Write the labels of every report of `source` to the JSONL `out`; returns how many. With
-    `explain`, each record also lists the decisions behind its labels (phrase, rule, cue)."""
+def label_file(source: Path, out: Path, explain: bool = False) -> list[dict[str, Any]]:
+    """Write the labels of every report of `source` to the JSONL `out` and return the records.
+    With `explain`, each record also lists the decisions behind its labels (phrase, rule, cue)."""
     from cxrlite.fileio import write_jsonl
 
-    items = read_reports(source)
-    return write_jsonl(out, (label_record(id_, text, explain) for id_, text in items))
+    records = [label_record(id_, text, explain) for id_, text in read_reports(source)]
+    write_jsonl(out, records)
+    return records
 
 
 def label_record(id_: Any, text: str, explain: bool = False) -> dict[str, Any]:

@@ -372,5 +372,10 @@ def _stronger(old: str | None, new: str) -> str:
     return old
 
 
+def forget_sentences() -> None:
+    """Empty the sentence cache (benchmarks time the labeler on sentences it has not seen)."""
+    _sentence_decisions.cache_clear()
+
+
 def label_reports(texts: Iterable[str]) -> list[dict[str, str]]:
     return [label_report(text) for text in texts]

@@ -32,42 +32,36 @@ logger = logging.getLogger(__name__)
 SPM_FILE = "tokenizer.model"
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 
+
+def _user_assistant_template(system: str, user_end: str) -> str:
+    """A LLaVA-style conversation in Jinja: `system`, then "USER: " with the image part as
+    "<image>\\n" before the text and `user_end` after it, then "ASSISTANT: " answers ending with
+    EOS; the generation prompt is "ASSISTANT:"."""
+    return (
+        "{{ bos_token }}" + system + "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}USER: "
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}{{ image_token }}{{ '\\n' }}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}{{ '" + user_end + "' }}"
+        "{% elif message['role'] == 'assistant' %}ASSISTANT: "
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
+        "{{ eos_token }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+
+
 # One Jinja source per prompt format; its rendering is the training and inference text.
-# The image part renders as "<image>\n" before the text, as LLaVA-1.5 does.
 CHAT_TEMPLATES = {
-    "cxr-chat-v1": (
-        "{{ bos_token }}"
-        "{% for message in messages %}"
-        "{% if message['role'] == 'user' %}USER: "
-        "{% if message['content'] is string %}{{ message['content'] }}"
-        "{% else %}{% for part in message['content'] %}"
-        "{% if part['type'] == 'image' %}{{ image_token }}{{ '\\n' }}"
-        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-        "{% endfor %}{% endif %}{{ '\\n' }}"
-        "{% elif message['role'] == 'assistant' %}ASSISTANT: "
-        "{% if message['content'] is string %}{{ message['content'] }}"
-        "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
-        "{{ eos_token }}"
-        "{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-    ),
+    "cxr-chat-v1": _user_assistant_template("", "\\n"),
     # LLaVA's conv_vicuna_v1 (LLaVA-Rad): system prompt, "USER: <image>\n{text} ASSISTANT:".
-    "vicuna-v1": (
-        "{{ bos_token }}A chat between a curious user and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the user's questions. "
-        "{% for message in messages %}"
-        "{% if message['role'] == 'user' %}USER: "
-        "{% if message['content'] is string %}{{ message['content'] }}"
-        "{% else %}{% for part in message['content'] %}"
-        "{% if part['type'] == 'image' %}{{ image_token }}{{ '\\n' }}"
-        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-        "{% endfor %}{% endif %}{{ ' ' }}"
-        "{% elif message['role'] == 'assistant' %}ASSISTANT: "
-        "{% if message['content'] is string %}{{ message['content'] }}"
-        "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
-        "{{ eos_token }}"
-        "{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    "vicuna-v1": _user_assistant_template(
+        "A chat between a curious user and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the user's questions. ",
+        " ",
     ),
 }
 

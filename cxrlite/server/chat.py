@@ -18,6 +18,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cxrlite.imaging.errors import ImageError
+from cxrlite.runtime.generation import ms
 from cxrlite.server.errors import APIError, error_body, timeout_error
 from cxrlite.server.metrics import ServerMetrics
 from cxrlite.server.pipeline import (
@@ -25,7 +26,6 @@ from cxrlite.server.pipeline import (
     encode_image,
     image_source,
     in_image_pool,
-    ms,
     run_job,
 )
 from cxrlite.server.scheduler import Job, JobTimeout

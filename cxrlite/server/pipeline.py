@@ -23,10 +23,6 @@ from cxrlite.server.security import decode_data_url, image_bytes
 from cxrlite.server.settings import ServerSettings
 
 
-def ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 3)
-
-
 def deadline_of(request: Request) -> float:
     """When the request must be answered, on the time.perf_counter() clock."""
     return request.state.started + request.app.state.settings.request_timeout_s

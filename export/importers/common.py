@@ -118,9 +118,9 @@ def load_llama_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise PublishedModelError(f"{folder}: no model.safetensors or pytorch_model*.bin weights")
 
 
-def file_hashes(folder: Path, names: Iterable[str]) -> dict[str, str]:
-    """sha256 of each named file (provenance: which exact files a bundle came from)."""
-    return {name: sha256_file(folder / name) for name in sorted(set(names))}
+def folder_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file in a source folder (provenance: which exact files a bundle came from)."""
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def provenance(
@@ -178,14 +178,15 @@ def write_bundle(
     """The converted weights as a cxrlite checkpoint at `checkpoint_out` (the PyTorch reference
     that eval, the quality gate and GPTQ need), then a bundle at `out` exported from it: ONNX
     vision tower, GGUF f16 LLM, parity figures, and `record` as its provenance. On any failure
-    neither is left behind (unless the checkpoint was there before)."""
+    neither is left behind (unless the checkpoint was there before). `state` is emptied once
+    saved, so its tensors (a 7B LLM's) are not held while the export loads the checkpoint again."""
     from cxrlite.export.bundle import export_bundle
     from cxrlite.export.gguf_builder import gguf_builder
     from cxrlite.model.checkpoint import save_state
 
     existed = checkpoint_out.exists()
     save_state(state, tokenizer, cfg, checkpoint_out)
-    del state
+    state.clear()  # the caller's dict too: the one reference to the converted tensors
     try:
         return export_bundle(
             checkpoint_out,

@@ -35,7 +35,7 @@ from cxrlite.export.importers.common import (
     default_checkpoint_out,
     expect,
     expected_shapes,
-    file_hashes,
+    folder_hashes,
     load_llama_weights,
     load_pickle,
     provenance,
@@ -238,8 +238,8 @@ def import_llava_rad(
         LICENSE,
         revision,
         {
-            "model": (src, file_hashes(src, [p.name for p in src.iterdir() if p.is_file()])),
-            "base": (base, file_hashes(base, [p.name for p in base.iterdir() if p.is_file()])),
+            "model": (src, folder_hashes(src)),
+            "base": (base, folder_hashes(base)),
         },
     )
     return write_bundle(

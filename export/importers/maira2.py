@@ -33,7 +33,7 @@ from cxrlite.export.importers.common import (
     default_checkpoint_out,
     expect,
     expected_shapes,
-    file_hashes,
+    folder_hashes,
     provenance,
     read_json,
     require_files,
@@ -236,7 +236,7 @@ def import_maira2(
     check_shapes(state, expected_shapes(cfg), src)
     record = provenance(
         NAME, LICENSE, revision,
-        {"model": (src, file_hashes(src, [p.name for p in src.iterdir() if p.is_file()]))},
+        {"model": (src, folder_hashes(src))},
     )  # fmt: skip
     record["task"] = "findings of a frontal image (no prior, lateral or grounding)"
     return write_bundle(

@@ -11,8 +11,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 
+from cxrlite.runtime.generation import ms
 from cxrlite.server.errors import ERROR_RESPONSES, APIError
-from cxrlite.server.pipeline import deadline_of, encode_image, in_image_pool, ms, run_job
+from cxrlite.server.pipeline import deadline_of, encode_image, in_image_pool, run_job
 from cxrlite.server.scheduler import Job
 
 router = APIRouter()
