@@ -169,7 +169,7 @@ def bundle_summary(bundle: Any) -> dict[str, Any]:
             "layers": cfg.llm.num_layers,
             "hidden": cfg.llm.hidden_size,
             "kv_heads": cfg.llm.num_kv_heads,
-            "head_dim": cfg.llm.head_dim,
+            "head_dim": cfg.llm.head_size,
             "vocab": cfg.llm.vocab_size,
         },
         "variants": {s: sorted(bundle.variants(s)) for s in VARIANT_SECTIONS},

@@ -106,7 +106,7 @@ def shape_config(
         m,
         num_heads=heads,
         num_kv_heads=kv,
-        hidden_size=heads * m.head_dim,
+        hidden_size=heads * m.head_size,
         intermediate_size=max(32, round(m.intermediate_size * scale / 32) * 32),
         num_layers=layers or m.num_layers,
         vocab_size=vocab_size or m.vocab_size,
@@ -129,10 +129,10 @@ def hf_llm_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     (no memory), so they are exactly what a real checkpoint holds."""
     from transformers import LlamaForCausalLM
 
-    from cxrlite.model.language import hf_llama_config
+    from cxrlite.model.language import hf_llm_config
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(hf_llama_config(cfg.llm))
+        model = LlamaForCausalLM(hf_llm_config(cfg.llm))
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if cfg.llm.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
@@ -339,7 +339,7 @@ def fit_check(
     m = cfg.llm
     parts = {
         "llm_weights": int(llm_bytes),
-        "kv_cache": 2 * m.num_layers * m.num_kv_heads * m.head_dim * n_ctx * kv_bytes,
+        "kv_cache": 2 * m.num_layers * m.num_kv_heads * m.head_size * n_ctx * kv_bytes,
         "vision": int(vision_bytes),
         "compute_buffers": n_batch
         * (m.vocab_size + 2 * m.intermediate_size + 4 * m.hidden_size)

@@ -1,10 +1,13 @@
-"""The LLM of a cxrlite checkpoint as a GGUF file that llama.cpp runs (architecture "llama").
+"""The LLM of a cxrlite checkpoint as a GGUF file that llama.cpp runs (architecture "llama", or
+"gemma3" for Gemma 3: `LLM_FAMILIES`).
 
 Weights are streamed tensor by tensor from model.safetensors (a 7B LLM never sits in memory
 whole): GGUFWriter gets every tensor's shape first, then the data one tensor at a time. Names
-follow gguf's own table (`get_tensor_name_map`), q_proj/k_proj get the rotary permutation that
-llama.cpp expects for HF Llama weights (as llama.cpp's convert_hf_to_gguf does), 1-D tensors stay
-f32 whatever the dtype, and a tied lm_head is left out: llama.cpp then reuses token_embd.
+follow gguf's own table for the architecture (`get_tensor_name_map`); what else differs per
+family follows llama.cpp's convert_hf_to_gguf: Llama's q_proj/k_proj get the rotary permutation
+llama.cpp expects, Gemma's norm weights are stored plus one (its RMSNorm scales by 1 + w), and
+Gemma 3 carries its sliding window, head size and local rope base. 1-D tensors stay f32 whatever
+the dtype, and a tied lm_head is left out: llama.cpp then reuses token_embd.
 
 Tokenizers: a SentencePiece `tokenizer.model` (ours, or a Llama-2-style pretrained one, plus
 added tokens beyond its pieces) -> `tokenizer.ggml.model = "llama"`; a byte-level BPE
@@ -32,7 +35,7 @@ import torch
 from cxrlite.errors import CxrliteError
 from cxrlite.fileio import atomic_path
 from cxrlite.model.checkpoint import WEIGHTS_FILE, CheckpointError, load_config
-from cxrlite.model.config import LLMConfig
+from cxrlite.model.config import GEMMA3_GLOBAL_EVERY, LLM_FAMILIES, LLMConfig
 from cxrlite.model.tokenizer import SPM_FILE, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -234,7 +237,7 @@ def llama3_rope_factors(cfg: LLMConfig) -> torch.Tensor:
     """Per-frequency divisors for Llama-3 rope scaling, written as rope_freqs (as llama.cpp's
     converter does): llama.cpp has no "llama3" scaling type of its own."""
     rope = cfg.rope_scaling or {}
-    dim = cfg.head_dim
+    dim = cfg.head_size
     freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     factor = rope.get("factor", 8.0)
     low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
@@ -259,11 +262,13 @@ TensorPlan = dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]
 def plan_tensors(
     cfg: LLMConfig, hf_shapes: dict[str, tuple[int, ...]], read: Callable[[str], torch.Tensor]
 ) -> TensorPlan:
-    """Map HF LlamaForCausalLM tensor names (without the `llm.` prefix) to GGUF names, with the
-    rotary permutation on q/k. `read(hf_name)` loads one tensor when it is written."""
+    """Map HF causal-LM tensor names (without the `llm.` prefix) to GGUF names, with the family's
+    changes (Llama: rotary permutation on q/k; Gemma: norms plus one). `read(hf_name)` loads one
+    tensor when it is written."""
     import gguf
 
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
+    family = LLM_FAMILIES[cfg.arch]
+    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, family.gguf_arch), cfg.num_layers)
     plan: TensorPlan = {}
     for hf_name, shape in hf_shapes.items():
         if hf_name.endswith("rotary_emb.inv_freq"):
@@ -274,20 +279,23 @@ def plan_tensors(
         if gguf_name is None:
             raise GGUFExportError(f"no GGUF name for LLM tensor {hf_name!r}")
         n_head = None
-        if hf_name.endswith("self_attn.q_proj.weight"):
+        if family.permute_rotary and hf_name.endswith("self_attn.q_proj.weight"):
             n_head = cfg.num_heads
-        elif hf_name.endswith("self_attn.k_proj.weight"):
+        elif family.permute_rotary and hf_name.endswith("self_attn.k_proj.weight"):
             n_head = cfg.num_kv_heads
+        shift = family.norm_shift if hf_name.endswith("norm.weight") else 0.0
 
-        def load(hf_name: str = hf_name, n_head: int | None = n_head) -> torch.Tensor:
+        def load(hf_name: str = hf_name, n_head: int | None = n_head, shift: float = shift):
             tensor = read(hf_name)
+            if shift:
+                tensor = tensor.float() + shift
             return permute_rotary(tensor, n_head) if n_head else tensor
 
         plan[gguf_name] = (tuple(shape), load)
     if "token_embd.weight" not in plan:
         raise GGUFExportError("the LLM has no token embedding (model.embed_tokens.weight)")
     if (cfg.rope_scaling or {}).get("rope_type") == "llama3":
-        plan["rope_freqs.weight"] = ((cfg.head_dim // 2,), lambda: llama3_rope_factors(cfg))
+        plan["rope_freqs.weight"] = ((cfg.head_size // 2,), lambda: llama3_rope_factors(cfg))
     return plan
 
 
@@ -303,6 +311,12 @@ def _as_array(tensor: torch.Tensor, dtype: str) -> np.ndarray:
 def _add_hparams(writer: Any, cfg: LLMConfig, dtype: str) -> None:
     import gguf
 
+    if cfg.arch == "gemma3":
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_sliding_window_pattern(GEMMA3_GLOBAL_EVERY)
+        writer.add_rope_freq_base_swa(cfg.rope_local_theta)
+    writer.add_key_length(cfg.head_size)
+    writer.add_value_length(cfg.head_size)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_layers)
@@ -310,7 +324,7 @@ def _add_hparams(writer: Any, cfg: LLMConfig, dtype: str) -> None:
     writer.add_head_count(cfg.num_heads)
     writer.add_head_count_kv(cfg.num_kv_heads)
     writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_size)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(
@@ -364,7 +378,7 @@ def write_gguf_tensors(
     dtype: str = "f16",
     name: str = "cxrlite-llm",
 ) -> Path:
-    """Write a llama GGUF from a tensor plan, one tensor in memory at a time, atomically.
+    """Write a GGUF of the family's architecture from a tensor plan, one tensor in memory at a time, atomically.
     Public so that random-weight benchmarks at real sizes can stream their own tensors."""
     import gguf
 
@@ -372,7 +386,8 @@ def write_gguf_tensors(
         raise GGUFExportError(f"GGUF dtype must be one of {GGUF_DTYPES}, got {dtype!r}")
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        arch = getattr(gguf.MODEL_ARCH, LLM_FAMILIES[cfg.arch].gguf_arch)
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
         try:
             writer.add_name(name)
             _add_hparams(writer, cfg, dtype)
@@ -451,9 +466,9 @@ def gguf_parity(
     """llama.cpp logits vs transformers fp32 logits at every position of each prompt.
 
     With `with_image`, "<s> t t <image>*n t..." also runs with the checkpoint's own image
-    embeddings of a fixed random image: merged by CXRVLM.embed_inputs into inputs_embeds for
-    transformers, and fed to llama.cpp as token ids + batch.embd rows + token ids (the runtime's
-    layout).
+    embeddings of a fixed random image: through CXRVLM's forward for transformers (image tokens
+    attending to each other both ways where the family does), and fed to llama.cpp as token ids +
+    batch.embd rows + token ids (the runtime's layout).
 
     `max_abs_diff_tokens` / `max_abs_diff_image` use an f32 KV cache and no flash attention, so
     they measure the file alone (an f32 GGUF matches to float rounding). `max_abs_diff_runtime`
@@ -477,7 +492,8 @@ def gguf_parity(
             generator = torch.Generator().manual_seed(0)
             pixels = torch.randn(1, cfg.vision.num_channels, size, size, generator=generator)
             image = model.encode_image(pixels)
-            logits = model.llm(inputs_embeds=model.embed_inputs(ids, image_embeds=image)).logits
+            # CXRVLM's forward: the image attended to as the family does (both ways in Gemma 3)
+            logits = model(ids, image_embeds=image).logits
             image_cases.append(([head, image[0].numpy(), tail], logits[0].numpy()))
     n_ctx = max(len(p) for p in prompts) + cfg.n_image_tokens + 16
     strict = {"kv_type": "f32", "flash_attn": False}

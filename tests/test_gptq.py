@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 
 from cxrlite.model.checkpoint import save
 from cxrlite.model.config import get_preset
-from cxrlite.model.language import hf_llama_config
+from cxrlite.model.language import hf_llm_config
 from cxrlite.model.tokenizer import bind_tokenizer, train_tokenizer
 from cxrlite.model.vlm import CXRVLM
 from cxrlite.quantize.gptq import check_gptq_shapes, quantize_gptq
@@ -104,7 +104,7 @@ def test_format_check_rejects_gptq_v2(quantized, tmp_path):
 
 def test_cpu_inference_matches_dequantized_weights(checkpoint, quantized):
     model, tokenizer, cfg, _ = checkpoint
-    reference = LlamaForCausalLM(hf_llama_config(cfg.llm))
+    reference = LlamaForCausalLM(hf_llm_config(cfg.llm))
     result = reference.load_state_dict(dequantize_gptq(quantized), strict=False)
     assert result.unexpected_keys == [] and result.missing_keys == ["lm_head.weight"]  # tied
     reference.tie_weights()

@@ -195,4 +195,15 @@ def test_minmax_stretches_each_image_and_config_round_trips():
     with pytest.raises(ValueError, match="2 values for 3 channels"):
         PreprocessConfig(channels=3, mean=(0.5, 0.5))
     with pytest.raises(ValueError, match="resize must be one of"):
-        PreprocessConfig(resize="stretch")
+        PreprocessConfig(resize="squash")
+
+
+def test_stretch_resizes_both_sides_without_keeping_the_aspect():
+    """Gemma 3's processor: the whole image, both sides to the square, as PIL resizes it."""
+    rng = np.random.default_rng(3)
+    wide = rng.random((40, 100)).astype(np.float32)
+    cfg = PreprocessConfig(image_size=32, channels=1, mean=0.5, std=0.5, resize="stretch")
+    out = preprocess(wide, cfg)
+    expected = np.asarray(Image.fromarray(wide).resize((32, 32), Image.Resampling.BILINEAR))
+    np.testing.assert_allclose(out[0], (np.clip(expected, 0, 1) - 0.5) / 0.5, atol=1e-6)
+    assert out.shape == (1, 32, 32)

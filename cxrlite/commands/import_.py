@@ -28,7 +28,8 @@ def _common(fn: Any) -> Any:
         click.option("--checkpoint-out", type=click.Path(path_type=Path), default=None,
                      help="Where the converted cxrlite checkpoint goes (default: OUT-checkpoint)."),
         click.option("--accept-license", is_flag=True,
-                     help="Confirm you hold the model under its licence (research use only)."),
+                     help="Confirm you hold the model under its licence and accept its terms "
+                          "(printed when this is missing; README lists them)."),
         click.option("--revision", default=None,
                      help="The model revision you downloaded, recorded in the manifest."),
         click.option("--overwrite", is_flag=True, help="Replace an existing bundle at OUT."),
@@ -78,6 +79,25 @@ def maira2(src: Path, out: Path, checkpoint_out: Path | None, accept_license: bo
 
     checkpoint_out = checkpoint_out or default_checkpoint_out(out)
     bundle = import_maira2(
+        src, out, accept_license=accept_license, checkpoint_out=checkpoint_out,
+        revision=revision, overwrite=overwrite,
+    )  # fmt: skip
+    _summary(bundle, checkpoint_out)
+
+
+@import_group.command("medgemma")
+@click.argument("src", type=click.Path(path_type=Path))
+@_common
+def medgemma(src: Path, out: Path, checkpoint_out: Path | None, accept_license: bool,
+             revision: str | None, overwrite: bool) -> None:  # fmt: skip
+    """MedGemma 4B-it, a report of a chest X-ray. SRC: the google/medgemma-4b-it folder
+    (config.json, model-*.safetensors and index, tokenizer.model and tokenizer files,
+    chat_template.json, preprocessor_config.json). The LLM runs as llama.cpp's gemma3."""
+    from cxrlite.export.importers.common import default_checkpoint_out
+    from cxrlite.export.importers.medgemma import import_medgemma
+
+    checkpoint_out = checkpoint_out or default_checkpoint_out(out)
+    bundle = import_medgemma(
         src, out, accept_license=accept_license, checkpoint_out=checkpoint_out,
         revision=revision, overwrite=overwrite,
     )  # fmt: skip

@@ -6,14 +6,15 @@ saved beside the model, so a served image is prepared exactly as the training im
 Steps: optionally stretch the image's own range to [0, 1] (`minmax`); resize and make it square,
 either keeping the whole image (`resize="pad"`: long side to `image_size`, short side padded with
 `pad_value`, centered) or filling the square (`resize="crop"`: short side to `image_size`, the
-centre cropped, as transformers' CLIP / DINOv2 image processors do); repeat gray to `channels`;
+centre cropped, as transformers' CLIP / DINOv2 image processors do) or both sides to `image_size`
+(`resize="stretch"`, Gemma 3's processor); repeat gray to `channels`;
 normalize `(x - mean) / std` with one value or one per channel. A published model's own
 preprocessing is a set of these fields (its interpolation, crop, mean and std).
 
-Resizing is Pillow's filter (`interpolation`: bilinear or bicubic) on a float32 ("F" mode) image:
-Pillow widens the filter support by the reduction factor when shrinking, so downscaling averages
-over the covered source area (antialiased: no aliasing of ribs or anti-scatter grid lines), and
-float32 keeps full precision (no rounding to 8 bits in between).
+Resizing is Pillow's filter (`interpolation`: bilinear, bicubic or lanczos) on a float32 ("F"
+mode) image: Pillow widens the filter support by the reduction factor when shrinking, so
+downscaling averages over the covered source area (antialiased: no aliasing of ribs or
+anti-scatter grid lines), and float32 keeps full precision (no rounding to 8 bits in between).
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ from PIL import Image
 from cxrlite.fileio import atomic_write_bytes
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 4096
-RESIZE_MODES = ("pad", "crop")
-INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+RESIZE_MODES = ("pad", "crop", "stretch")
+INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,  # CXR-LLaVA's CLIPImageProcessor(resample=True)
+}
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,7 @@ def preprocess(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     if cfg.minmax:
         low, high = float(gray.min()), float(gray.max())
         gray = (gray - low) / (high - low) if high > low else np.zeros_like(gray)
-    square = _fill_square(gray, cfg) if cfg.resize == "crop" else _pad_square(gray, cfg)
+    square = _SQUARERS[cfg.resize](gray, cfg)
     mean, std = cfg.normalization()
     channels = np.repeat(square[None], cfg.channels, axis=0)
     return ((channels - mean) / std).astype(np.float32, copy=False)  # writable
@@ -155,6 +160,14 @@ def _fill_square(gray: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     resized = _resized(gray, new_h, new_w, cfg)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return resized[top : top + size, left : left + size]
+
+
+def _stretch_square(gray: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """Both sides to image_size, the aspect ratio not kept (Gemma 3's image processor)."""
+    return _resized(gray, cfg.image_size, cfg.image_size, cfg)
+
+
+_SQUARERS = {"pad": _pad_square, "crop": _fill_square, "stretch": _stretch_square}
 
 
 def preprocess_batch(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarray:

@@ -2,8 +2,11 @@
 
 MLPBridger is LLaVA's projector (one image token per patch): Linear layers with GELU between, 2 of
 them as LLaVA-1.5's mlp2x_gelu (parameter names match LlavaMultiModalProjector's linear_1 /
-linear_2, so export to LlavaForConditionalGeneration is a rename), 4 as MAIRA-2's. QFormerBridger is BLIP-2's Q-Former (CheXagent): learned queries cross-attend to the
-patches, so an image costs `num_queries` LLM positions whatever the patch count — less prefill.
+linear_2, so export to LlavaForConditionalGeneration is a rename), 4 as MAIRA-2's, 1 as
+CXR-LLaVA's linear projector. QFormerBridger is BLIP-2's Q-Former (CheXagent): learned queries
+cross-attend to the patches, so an image costs `num_queries` LLM positions whatever the patch
+count — less prefill. Gemma 3's projector (MedGemma) average-pools the patch grid to
+`tokens_per_image`, then RMSNorm and one projection: transformers' own module.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cxrlite.model.config import BridgerConfig
+from cxrlite.model.config import BridgerConfig, VisionConfig
 
 
 class MLPBridger(nn.Module):
@@ -62,7 +65,30 @@ class QFormerBridger(nn.Module):
         return self.language_projection(out.to(self.language_projection.weight.dtype))
 
 
-def build_bridger(cfg: BridgerConfig, vision_width: int, llm_width: int) -> nn.Module:
+def gemma3_projector(
+    cfg: BridgerConfig, vision: VisionConfig, llm_width: int, eps: float = 1e-6
+) -> nn.Module:
+    """transformers' Gemma3MultiModalProjector (mm_soft_emb_norm, mm_input_projection_weight)
+    for this patch grid and LLM width."""
+    from transformers import Gemma3Config
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+
+    config = Gemma3Config(
+        vision_config={
+            "model_type": "siglip_vision_model", "hidden_size": vision.hidden_size,
+            "image_size": vision.image_size, "patch_size": vision.patch_size,
+            "layer_norm_eps": vision.layer_norm_eps or eps,
+        },
+        text_config={"hidden_size": llm_width},
+        mm_tokens_per_image=cfg.tokens_per_image,
+    )  # fmt: skip
+    return Gemma3MultiModalProjector(config)
+
+
+def build_bridger(cfg: BridgerConfig, vision: VisionConfig, llm_width: int) -> nn.Module:
+    vision_width = vision.hidden_size
+    if cfg.kind == "gemma3":
+        return gemma3_projector(cfg, vision, llm_width)
     if cfg.kind == "qformer":
         return QFormerBridger(cfg, vision_width, llm_width)
     return MLPBridger(vision_width, llm_width, cfg.mlp_layers)

@@ -9,6 +9,7 @@ bad preset or a hand-edited config.json fails at load time, not deep inside a ma
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -30,17 +31,45 @@ class VisionFamily:
 VISION_FAMILIES = {
     "siglip": VisionFamily(
         "SiglipVisionConfig", "SiglipVisionModel", ("siglip_vision_model", "siglip"), False,
-        "vision_model.post_layernorm",
+        "post_layernorm",
     ),
     "clip": VisionFamily(
         "CLIPVisionConfig", "CLIPVisionModel", ("clip_vision_model", "clip"), True,
-        "vision_model.post_layernorm",
+        "post_layernorm",
     ),
     # DINOv2 (RAD-DINO, LLaVA-Rad's BiomedCLIP-CXR trunk): LayerScale, no pooling head.
     "dinov2": VisionFamily("Dinov2Config", "Dinov2Model", ("dinov2",), True, "layernorm"),
 }  # fmt: skip
 VISION_KINDS = tuple(VISION_FAMILIES)
-BRIDGER_KINDS = ("mlp", "qformer")
+
+
+@dataclass(frozen=True)
+class LLMFamily:
+    """A decoder family transformers implements, and what running it elsewhere must know."""
+
+    config_class: str
+    model_class: str
+    gguf_arch: str  # the gguf.MODEL_ARCH member llama.cpp runs it as
+    # llama.cpp's "llama" rope rotates adjacent dims, HF's Llama the two halves: q/k rows are
+    # reordered for it. Gemma runs with NEOX-style rope in llama.cpp, as in HF: nothing to do.
+    permute_rotary: bool
+    # Gemma's RMSNorm scales by (1 + w); llama.cpp's by w, so the GGUF holds w + 1.
+    norm_shift: float
+    # Gemma 3 lets an image's tokens attend to each other both ways (the rest stays causal).
+    bidirectional_image: bool
+
+
+# arch -> family. A new decoder family is a row here (its config fields, GGUF keys elsewhere).
+LLM_FAMILIES = {
+    "llama": LLMFamily("LlamaConfig", "LlamaForCausalLM", "LLAMA", True, 0.0, False),
+    "gemma3": LLMFamily("Gemma3TextConfig", "Gemma3ForCausalLM", "GEMMA3", False, 1.0, True),
+}
+LLM_ARCHS = tuple(LLM_FAMILIES)
+# Gemma 3 makes every 6th layer global and the others sliding-window (its `layer_types`).
+GEMMA3_GLOBAL_EVERY = 6
+# "mlp": LLaVA's projector; "qformer": BLIP-2's; "gemma3": Gemma 3's (average-pool the patch grid
+# to `tokens_per_image`, RMSNorm, one projection).
+BRIDGER_KINDS = ("mlp", "qformer", "gemma3")
 # cxrlite's own chat format, LLaVA's Vicuna v1, or "own": the chat template a published model's
 # tokenizer carries (MAIRA-2's), used as it is.
 PROMPT_TEMPLATES = ("cxr-chat-v1", "vicuna-v1", "own")
@@ -151,6 +180,8 @@ class BridgerConfig:
     kind: str = "mlp"
     # Linear layers of the MLP projector, GELU between: 2 is LLaVA-1.5's mlp2x_gelu, 4 MAIRA-2's.
     mlp_layers: int = 2
+    # Gemma 3's projector: image tokens after pooling (a square number; 256 in Gemma 3)
+    tokens_per_image: int = 256
     num_queries: int = 8
     num_layers: int = 2
     num_heads: int = 4
@@ -162,7 +193,12 @@ class BridgerConfig:
             self.kind in BRIDGER_KINDS,
             f"BridgerConfig.kind must be one of {BRIDGER_KINDS}, got {self.kind!r}",
         )
-        _positive(self, "mlp_layers")
+        _positive(self, "mlp_layers", "tokens_per_image")
+        side = math.isqrt(self.tokens_per_image)
+        _require(
+            self.kind != "gemma3" or side * side == self.tokens_per_image,
+            f"BridgerConfig.tokens_per_image must be a square number, got {self.tokens_per_image}",
+        )
         if self.kind == "qformer":
             _positive(
                 self, "num_queries", "num_layers", "num_heads", "hidden_size", "intermediate_size"
@@ -176,8 +212,10 @@ class BridgerConfig:
 
 @dataclass(frozen=True)
 class LLMConfig:
-    """Llama-family decoder shapes (LlamaForCausalLM); `pretrained` is a local folder."""
+    """Decoder shapes of a family in LLM_FAMILIES (Llama by default); `pretrained` is a local
+    folder."""
 
+    arch: str = "llama"
     vocab_size: int = 384
     hidden_size: int = 64
     num_layers: int = 2
@@ -185,9 +223,15 @@ class LLMConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 192
     max_position_embeddings: int = 256
+    # None: hidden_size / num_heads (Gemma 3 sets its own)
+    head_dim: int | None = None
     rope_theta: float = 10000.0
-    # transformers' rope_parameters beyond the default rotary (rope_type, factor...), or None
+    # transformers' rope_parameters beyond the default rotary (rope_type, factor...), or None;
+    # Gemma 3 applies it to its global layers only
     rope_scaling: dict[str, Any] | None = None
+    # Gemma 3: the window of its sliding-window layers, and their own rope base
+    sliding_window: int | None = None
+    rope_local_theta: float | None = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     bos_token_id: int = 1
@@ -196,12 +240,27 @@ class LLMConfig:
     pretrained: str | None = None
 
     def __post_init__(self) -> None:
+        _require(
+            self.arch in LLM_ARCHS, f"LLMConfig.arch must be one of {LLM_ARCHS}, got {self.arch!r}"
+        )
         _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")
         _positive(self, "intermediate_size", "max_position_embeddings")
+        if self.head_dim is None:
+            _require(
+                self.hidden_size % self.num_heads == 0,
+                f"LLMConfig: hidden_size {self.hidden_size} is not divisible by num_heads "
+                f"{self.num_heads}",
+            )
+        else:
+            _positive(self, "head_dim")
+        gemma3 = self.arch == "gemma3"
         _require(
-            self.hidden_size % self.num_heads == 0,
-            f"LLMConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
+            gemma3 == (self.sliding_window is not None) == (self.rope_local_theta is not None),
+            "LLMConfig: sliding_window and rope_local_theta are given for Gemma 3 and only for it",
         )
+        if gemma3:
+            _positive(self, "sliding_window")
+            _require(self.rope_local_theta > 0, "LLMConfig.rope_local_theta must be > 0")
         _require(
             self.num_heads % self.num_kv_heads == 0,
             f"LLMConfig: num_kv_heads {self.num_kv_heads} does not divide num_heads {self.num_heads}",
@@ -218,8 +277,9 @@ class LLMConfig:
             )
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def head_size(self) -> int:
+        """The width of one attention head: `head_dim`, or hidden_size / num_heads."""
+        return self.head_dim or self.hidden_size // self.num_heads
 
 
 def default_preprocess(vision: VisionConfig) -> dict[str, Any]:
@@ -285,12 +345,22 @@ class ModelConfig:
             f"vision encoder takes {self.vision.num_channels}x{self.vision.image_size}px",
         )
         object.__setattr__(self, "preprocess", pre)
+        if self.bridger.kind == "gemma3":
+            per_side = self.vision.image_size // self.vision.patch_size
+            pooled = math.isqrt(self.bridger.tokens_per_image)
+            _require(
+                per_side % pooled == 0 and self.vision.select_strategy == "full",
+                f"ModelConfig: Gemma 3's projector pools a CLS-free {per_side}x{per_side} patch "
+                f"grid to {pooled}x{pooled}; the grid must divide evenly",
+            )
 
     @property
     def n_image_tokens(self) -> int:
         """How many positions one image fills in the LLM sequence."""
         if self.bridger.kind == "qformer":
             return self.bridger.num_queries
+        if self.bridger.kind == "gemma3":
+            return self.bridger.tokens_per_image
         return self.vision.n_patches
 
     def replace(self, **changes: Any) -> ModelConfig:
@@ -418,6 +488,8 @@ def _vision_parameters(v: VisionConfig) -> int:
 
 
 def _bridger_parameters(b: BridgerConfig, vision_width: int, llm_width: int) -> int:
+    if b.kind == "gemma3":  # RMSNorm + projection, no bias
+        return vision_width + vision_width * llm_width
     if b.kind == "mlp":
         first = vision_width * llm_width + llm_width
         return first + (b.mlp_layers - 1) * (llm_width * llm_width + llm_width)
@@ -435,8 +507,10 @@ def _bridger_parameters(b: BridgerConfig, vision_width: int, llm_width: int) -> 
 
 
 def _llm_parameters(m: LLMConfig) -> int:
-    h, kv = m.hidden_size, m.num_kv_heads * m.head_dim
-    layer = 2 * h * h + 2 * h * kv + 3 * h * m.intermediate_size + 2 * h
+    h, q, kv = m.hidden_size, m.num_heads * m.head_size, m.num_kv_heads * m.head_size
+    # Gemma 3 adds norms after attention and around the MLP, and q/k norms
+    norms = 4 * h + 2 * m.head_size if m.arch == "gemma3" else 2 * h
+    layer = 2 * h * q + 2 * h * kv + 3 * h * m.intermediate_size + norms
     head = 0 if m.tie_word_embeddings else m.vocab_size * h
     return m.vocab_size * h + m.num_layers * layer + h + head
 

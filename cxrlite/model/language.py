@@ -1,4 +1,5 @@
-"""The language model: transformers' LlamaForCausalLM, random or from a local pretrained folder."""
+"""The language model: a transformers decoder of a family in LLM_FAMILIES (LlamaForCausalLM,
+Gemma3ForCausalLM), random or from a local pretrained folder (Llama)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxrlite.model.config import LLMConfig
+from cxrlite.model.config import GEMMA3_GLOBAL_EVERY, LLM_FAMILIES, LLMConfig
 
 logger = logging.getLogger(__name__)
 
@@ -27,30 +28,49 @@ _SHAPE_FIELDS = (
 )
 
 
-def hf_llama_config(cfg: LLMConfig) -> Any:
-    from transformers import LlamaConfig
+def gemma3_layer_types(n_layers: int) -> list[str]:
+    """Gemma 3's attention per layer: every GEMMA3_GLOBAL_EVERY-th global, the rest sliding."""
+    return [
+        "full_attention" if (i + 1) % GEMMA3_GLOBAL_EVERY == 0 else "sliding_attention"
+        for i in range(n_layers)
+    ]
 
-    return LlamaConfig(
+
+def hf_llm_config(cfg: LLMConfig) -> Any:
+    """The transformers config of the family (LlamaConfig, Gemma3TextConfig) for these shapes."""
+    import transformers
+
+    rope = {**(cfg.rope_scaling or {"rope_type": "default"}), "rope_theta": cfg.rope_theta}
+    shapes = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_size,
         intermediate_size=cfg.intermediate_size,
         max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters={
-            **(cfg.rope_scaling or {"rope_type": "default"}),
-            "rope_theta": cfg.rope_theta,
-        },
         rms_norm_eps=cfg.rms_norm_eps,
         tie_word_embeddings=cfg.tie_word_embeddings,
         bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id,
         pad_token_id=cfg.pad_token_id,
-        hidden_act="silu",
         attention_bias=False,
-        mlp_bias=False,
     )
+    if cfg.arch == "gemma3":
+        family = dict(
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=cfg.head_size,
+            sliding_window=cfg.sliding_window,
+            layer_types=gemma3_layer_types(cfg.num_layers),
+            rope_parameters={
+                "full_attention": rope,
+                "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta},
+            },
+        )
+    else:
+        family = dict(rope_parameters=rope, hidden_act="silu", mlp_bias=False)
+    return getattr(transformers, LLM_FAMILIES[cfg.arch].config_class)(**shapes, **family)
 
 
 def llm_config_from_pretrained(path: str | os.PathLike) -> LLMConfig:
@@ -83,6 +103,7 @@ def llm_config_from_hf(hf: Any, where: Any) -> LLMConfig:
     theta = float(rope.pop("rope_theta", 10000.0))
     eos = hf.eos_token_id[0] if isinstance(hf.eos_token_id, list) else hf.eos_token_id
     return LLMConfig(
+        arch="llama",
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
         num_layers=hf.num_hidden_layers,
@@ -102,14 +123,17 @@ def llm_config_from_hf(hf: Any, where: Any) -> LLMConfig:
 
 
 def build_llm(cfg: LLMConfig, load_pretrained: bool = True) -> nn.Module:
-    """LlamaForCausalLM: loaded from `cfg.pretrained` when set and `load_pretrained`, else random.
+    """The family's causal LM: loaded from `cfg.pretrained` (a Llama folder) when set and
+    `load_pretrained`, else random.
 
     A pretrained model's embeddings are resized to `cfg.vocab_size` when the tokenizer grew (the
     image token was added)."""
+    import transformers
     from transformers import LlamaForCausalLM
 
     if not (cfg.pretrained and load_pretrained):
-        return LlamaForCausalLM(hf_llama_config(cfg))
+        model_class = getattr(transformers, LLM_FAMILIES[cfg.arch].model_class)
+        return model_class(hf_llm_config(cfg))
     saved = llm_config_from_pretrained(cfg.pretrained)
     mismatched = [f for f in _SHAPE_FIELDS if getattr(saved, f) != getattr(cfg, f)]
     if mismatched or saved.vocab_size > cfg.vocab_size:
@@ -127,3 +151,30 @@ def build_llm(cfg: LLMConfig, load_pretrained: bool = True) -> nn.Module:
         setattr(model.config, name, getattr(cfg, name))
         setattr(model.generation_config, name, getattr(cfg, name))
     return model
+
+
+def image_attention_masks(
+    llm: nn.Module,
+    embeds: torch.Tensor,
+    image_positions: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor] | None:
+    """The attention masks of a prompt for a family whose image tokens attend to each other both
+    ways (Gemma 3), built by transformers' own Gemma 3 code: causal, except that each run of
+    `image_positions` ([B, T] bool) is one bidirectional block; sliding-window layers keep their
+    window. None for a causal family (the model builds its usual mask)."""
+    family = next(f for f in LLM_FAMILIES.values() if f.model_class == type(llm).__name__)
+    if not family.bidirectional_image or not bool(image_positions.any()):
+        return None
+    from transformers.models.gemma3.modeling_gemma3 import (
+        create_masks_for_vision_model,
+        get_block_sequence_ids_for_mask,
+    )
+
+    if position_ids is None:
+        position_ids = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0)
+    blocks = get_block_sequence_ids_for_mask(image_positions.long(), embeds.device)
+    return create_masks_for_vision_model(
+        llm.config, embeds, attention_mask, None, position_ids, blocks
+    )

@@ -15,7 +15,7 @@ from cxrlite.model.checkpoint import (
     load_config,
     load_weights,
 )
-from cxrlite.model.language import hf_llama_config
+from cxrlite.model.language import hf_llm_config
 from cxrlite.model.vision import hf_vision_config
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def export_llava(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
         raise CheckpointError(f"{ckpt_dir}: config has no image_token_id")
     llava_config = LlavaConfig(
         vision_config=hf_vision_config(cfg.vision).to_dict(),
-        text_config=hf_llama_config(cfg.llm).to_dict(),
+        text_config=hf_llm_config(cfg.llm).to_dict(),
         image_token_index=cfg.image_token_id,
         image_seq_length=cfg.n_image_tokens,
         vision_feature_layer=cfg.vision.feature_layer,

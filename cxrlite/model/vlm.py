@@ -15,7 +15,7 @@ from torch import nn
 
 from cxrlite.model.bridger import build_bridger
 from cxrlite.model.config import ModelConfig
-from cxrlite.model.language import build_llm
+from cxrlite.model.language import build_llm, image_attention_masks
 from cxrlite.model.vision import build_vision, select_features
 
 
@@ -24,7 +24,7 @@ class CXRVLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = build_vision(cfg.vision, load_pretrained)
-        self.bridger = build_bridger(cfg.bridger, cfg.vision.hidden_size, cfg.llm.hidden_size)
+        self.bridger = build_bridger(cfg.bridger, cfg.vision, cfg.llm.hidden_size)
         self.llm = build_llm(cfg.llm, load_pretrained)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -76,9 +76,10 @@ class CXRVLM(nn.Module):
         """transformers CausalLMOutputWithPast; `labels` are the input ids with -100 where no loss
         is taken (the shift by one happens inside)."""
         embeds = self.embed_inputs(input_ids, pixels, image_embeds)
+        masks = self._image_masks(input_ids, embeds, attention_mask)
         return self.llm(
             inputs_embeds=embeds,
-            attention_mask=attention_mask,
+            attention_mask=masks if masks is not None else attention_mask,
             labels=labels,
             output_hidden_states=output_hidden_states,
         )
@@ -101,6 +102,10 @@ class CXRVLM(nn.Module):
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
         eos = self.cfg.llm.eos_token_id if eos_token_id is None else eos_token_id
         pad = self.cfg.llm.pad_token_id if self.cfg.llm.pad_token_id is not None else eos
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        masks = self._image_masks(input_ids, embeds, attention_mask, positions)
+        if masks is not None:
+            return self._greedy(embeds, attention_mask, positions, masks, max_new_tokens, eos, pad)
         return self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -111,6 +116,51 @@ class CXRVLM(nn.Module):
             **generate_kwargs,
         )
 
+    def _image_masks(
+        self,
+        input_ids: torch.Tensor,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        positions: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor] | None:
+        if self.cfg.image_token_id is None:
+            return None
+        image = input_ids == self.cfg.image_token_id
+        return image_attention_masks(self.llm, embeds, image, attention_mask, positions)
+
+    def _greedy(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        masks: dict[str, torch.Tensor],
+        max_new_tokens: int,
+        eos: int,
+        pad: int,
+    ) -> torch.Tensor:
+        """Greedy decoding after a prompt prefilled with its own masks (an image attended to
+        both ways), which transformers' generate cannot take; the steps after it are causal.
+        Returns what generate would: new ids, EOS included, `pad` after a finished row."""
+        out = self.llm(
+            inputs_embeds=embeds, attention_mask=masks, position_ids=positions, use_cache=True
+        )
+        done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+        position = positions[:, -1:]
+        tokens = []
+        for _ in range(max_new_tokens):
+            token = out.logits[:, -1].argmax(-1).masked_fill(done, pad)
+            tokens.append(token)
+            done |= token == eos
+            if bool(done.all()) or len(tokens) == max_new_tokens:
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], 1)
+            position = position + 1
+            out = self.llm(
+                input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
+                cache=out.past_key_values, use_cache=True,
+            )  # fmt: skip
+        return torch.stack(tokens, dim=1)
+
 
 class VisionTower(nn.Module):
     """The vision encoder and bridger of a CXRVLM, without its LLM (a 7B LLM need not be loaded
@@ -120,7 +170,7 @@ class VisionTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = build_vision(cfg.vision, load_pretrained=False)
-        self.bridger = build_bridger(cfg.bridger, cfg.vision.hidden_size, cfg.llm.hidden_size)
+        self.bridger = build_bridger(cfg.bridger, cfg.vision, cfg.llm.hidden_size)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         # CXRVLM.encode_image reads only .vision, .bridger and .cfg: reusing it (rather than a

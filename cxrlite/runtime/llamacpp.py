@@ -16,6 +16,10 @@ to first token on a CPU, so a repeated image then costs a single position instea
 `state_cache_bytes`, copies of recent prompts' KV cache (`SequenceStates`, a bounded LRU) let
 two studies asked about in turn both reuse theirs, though the context holds one sequence.
 
+Gemma 3 lets an image's tokens attend to each other both ways: for a GGUF of such a family
+(`LLM_FAMILIES`) an embedding segment is decoded with causal attention off and in one batch, as
+llama.cpp's own multimodal library (mtmd) decodes image embeddings.
+
 llama.cpp's log lines go to the `cxrlite.llama_cpp` logger (DEBUG, warnings and errors at their
 level) instead of stderr.
 """
@@ -37,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from cxrlite.errors import CxrliteError
+from cxrlite.model.config import LLM_FAMILIES
 
 logger = logging.getLogger(__name__)
 native_logger = logging.getLogger("cxrlite.llama_cpp")
@@ -55,6 +60,10 @@ KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 # Saved prompt states of a runtime's llama.cpp backend (see SequenceStates). A state grows with
 # the model's KV size: small models keep hundreds, the largest shapes' states do not fit at all.
 DEFAULT_STATE_CACHE_BYTES = 256 << 20
+# general.architecture values whose image embeddings are decoded non-causally
+_BIDIRECTIONAL_IMAGE_ARCHS = {
+    family.gguf_arch.lower() for family in LLM_FAMILIES.values() if family.bidirectional_image
+}
 
 
 class LlamaCppError(CxrliteError, RuntimeError):
@@ -105,6 +114,18 @@ def _skip(pieces: list[_Piece], n: int) -> list[_Piece]:
         )
         n = 0
     return out
+
+
+def _image_boundary(pieces: list[_Piece], n: int) -> int:
+    """n, or the start of the image it falls inside: an image whose tokens attend to each other
+    both ways is decoded whole, never resumed part-way."""
+    start = 0
+    for piece in pieces:
+        end = start + len(piece.keys)
+        if piece.embeds is not None and start < n < end:
+            return start
+        start = end
+    return n
 
 
 class SequenceStates:
@@ -257,6 +278,8 @@ class LlamaCppLLM:
         # since a batch larger than its n_batch aborts the process instead of returning an error.
         self.n_ctx = int(lib.llama_n_ctx(self._ctx))
         self.n_batch = min(n_batch, int(lib.llama_n_batch(self._ctx)))
+        self.arch = self.metadata("general.architecture") or ""
+        self.bidirectional_image = self.arch in _BIDIRECTIONAL_IMAGE_ARCHS
         self._token_batch = lib.llama_batch_init(n_batch, 0, 1)
         self._embd_batch = lib.llama_batch_init(n_batch, self.n_embd, 1)
         self.n_past = 0
@@ -325,6 +348,12 @@ class LlamaCppLLM:
                     raise LlamaCppError(
                         f"embeddings must be [n, {self.n_embd}] float32, got {tuple(segment.shape)}"
                     )
+                if self.bidirectional_image and embeds.shape[0] > self.n_batch:
+                    raise LlamaCppError(
+                        f"an image of {embeds.shape[0]} embeddings must be decoded in one batch "
+                        f"({self.arch}: its tokens attend to each other); raise n_batch above "
+                        f"{self.n_batch}"
+                    )
                 pieces.append(_Piece(None, embeds, embedding_keys(embeds)))
             else:
                 tokens = [int(t) for t in segment]
@@ -354,7 +383,14 @@ class LlamaCppLLM:
             batch.seq_id[i][0] = 0
             batch.logits[i] = 1 if want else 0
         batch.n_tokens = n
-        status = lib.llama_decode(self._ctx, batch)
+        non_causal = embeds is not None and self.bidirectional_image
+        if non_causal:
+            lib.llama_set_causal_attn(self._ctx, False)
+        try:
+            status = lib.llama_decode(self._ctx, batch)
+        finally:
+            if non_causal:
+                lib.llama_set_causal_attn(self._ctx, True)
         if status != 0:
             raise LlamaCppError(
                 f"llama_decode failed with status {status} at position {self.n_past}"
@@ -421,6 +457,8 @@ class LlamaCppLLM:
                 saved, shared = self.states.best(wanted)
                 if min(shared, total - 1) > reused:
                     reused = min(shared, total - 1) if self._restore(saved) else 0
+            if self.bidirectional_image:
+                reused = _image_boundary(pieces, reused)
             if reused < self.n_past:
                 lib = self._llama_cpp
                 if lib.llama_memory_seq_rm(lib.llama_get_memory(self._ctx), 0, reused, -1):

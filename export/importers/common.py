@@ -118,6 +118,27 @@ def load_llama_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise PublishedModelError(f"{folder}: no model.safetensors or pytorch_model*.bin weights")
 
 
+def load_safetensors_folder(src: Path, what: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's model.safetensors, or of the shards its index names."""
+    from safetensors.torch import load_file
+
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        require_files(src, shards, f"{what} (named by {index.name})")
+    elif (src / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise PublishedModelError(f"{src}: no model.safetensors or model.safetensors.index.json")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        try:
+            state.update(load_file(str(src / shard)))
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise PublishedModelError(f"{src / shard}: unreadable safetensors ({e})") from None
+    return state
+
+
 def folder_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file in a source folder (provenance: which exact files a bundle came from)."""
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}

@@ -34,6 +34,7 @@ from cxrlite.export.importers.common import (
     expect,
     expected_shapes,
     folder_hashes,
+    load_safetensors_folder,
     provenance,
     read_json,
     require_files,
@@ -99,26 +100,6 @@ def _check(config: dict[str, Any], vision: Any, path: Path) -> None:
     expect(path, "vision_config.use_swiglu_ffn", vision.use_swiglu_ffn, [False])
     if getattr(vision, "num_register_tokens", 0):
         raise PublishedModelError(f"{path}: a Dinov2 with register tokens is not supported")
-
-
-def _weights(src: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        require_files(src, shards, f"{NAME} folder (named by {index.name})")
-    elif (src / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
-        raise PublishedModelError(f"{src}: no model.safetensors or model.safetensors.index.json")
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        try:
-            state.update(load_file(str(src / shard)))
-        except Exception as e:  # safetensors raises its own SafetensorError
-            raise PublishedModelError(f"{src / shard}: unreadable safetensors ({e})") from None
-    return state
 
 
 def _convert(state: dict[str, torch.Tensor], n_layers: int, src: Path) -> dict[str, torch.Tensor]:
@@ -231,7 +212,7 @@ def import_maira2(
     config = read_json(src / "config.json")
     cfg = _model_config(src, config)
     tokenizer = _tokenizer(src, cfg)
-    state = _convert(_weights(src), cfg.bridger.mlp_layers, src)
+    state = _convert(load_safetensors_folder(src, f"{NAME} folder"), cfg.bridger.mlp_layers, src)
     state.setdefault("vision.embeddings.mask_token", torch.zeros(1, cfg.vision.hidden_size))
     check_shapes(state, expected_shapes(cfg), src)
     record = provenance(
