@@ -3,6 +3,7 @@
     cxrlite bench --shape 1b --llm-variants gguf-f16,gguf-q4_k_m      # vitb16-llama1b
     cxrlite bench --shape 7b --llm-variants gguf-q4_k_m               # so400m-llama7b
     cxrlite bench --shape llava-rad --llm-variants gguf-q4_k_m        # dinov2b14-vicuna7b
+    cxrlite bench --shape medgemma --llm-variants gguf-q4_k_m         # siglip896-gemma3-4b
     build_shape_bundle("1b", llm_variants=["gguf-q4_k_m"])           # -> the cached bundle path
 
 The LLM is never built in memory: its GGUF (f16) is written tensor by tensor from random normal
@@ -106,7 +107,12 @@ def shape_config(
         m,
         num_heads=heads,
         num_kv_heads=kv,
-        hidden_size=heads * m.head_size,
+        # a model with its own head size (Gemma 3) scales its width like its FFN
+        hidden_size=(
+            heads * m.head_size
+            if m.head_dim is None
+            else max(32, round(m.hidden_size * scale / 32) * 32)
+        ),
         intermediate_size=max(32, round(m.intermediate_size * scale / 32) * 32),
         num_layers=layers or m.num_layers,
         vocab_size=vocab_size or m.vocab_size,
@@ -125,14 +131,12 @@ def shape_key(cfg: ModelConfig, shape: str) -> str:
 
 
 def hf_llm_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the HF LlamaForCausalLM state dict, from a model on the meta device
+    """Names and shapes of the family's HF causal-LM state dict, from a model on the meta device
     (no memory), so they are exactly what a real checkpoint holds."""
-    from transformers import LlamaForCausalLM
-
-    from cxrlite.model.language import hf_llm_config
+    from cxrlite.model.language import build_llm
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(hf_llm_config(cfg.llm))
+        model = build_llm(cfg.llm, load_pretrained=False)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if cfg.llm.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
@@ -155,7 +159,7 @@ def predicted_gguf_bytes(cfg: ModelConfig) -> int:
 
 
 def write_random_gguf(cfg: ModelConfig, tokenizer_dir: Path, out_path: Path, seed: int = 0) -> Path:
-    """A random-weight f16 llama GGUF of `cfg.llm`'s exact shape, streamed tensor by tensor."""
+    """A random-weight f16 GGUF (the family's architecture) of `cfg.llm`'s exact shape, streamed tensor by tensor."""
     from cxrlite.export.gguf import plan_tensors, read_vocab, write_gguf_tensors
 
     shapes = hf_llm_shapes(cfg)

@@ -19,8 +19,10 @@ from PIL import Image
 from cxrlite.cli import main
 from cxrlite.export.importers.medgemma import FINDINGS_PROMPT, SYSTEM_PROMPT, import_medgemma
 from cxrlite.imaging.preprocess import preprocess
+from cxrlite.model.checkpoint import load as load_checkpoint
 from cxrlite.runtime import Runtime
 from cxrlite.runtime.llamacpp import LlamaCppLLM
+from cxrlite.runtime.llm import TorchLLMBackend
 from cxrlite.runtime.onnx_runner import onnx_session
 
 
@@ -123,12 +125,27 @@ def test_llm_with_an_image_matches_transformers_and_needs_bidirectional_attentio
 
     error = float(np.abs(llama_cpp_logits() - want).max())
     assert error < 5e-3  # f16 weights, ggml's f16 GELU table
+    # the PyTorch backend (the quality gate's reference) from the imported checkpoint
+    model_ours, _, _ = load_checkpoint(imported.path.with_name("bundle-checkpoint"))
+    torch_llm = TorchLLMBackend(model_ours.llm, "torch-fp32", n_ctx=128)
+    assert np.abs(torch_llm.prefill(segments) - want[-1]).max() < 1e-4
+    assert (
+        np.abs(torch_llm.score(segments[:2], segments[2]) - _logprobs(want, ids, start)).max()
+        < 1e-4
+    )
     monkeypatch.setattr(LlamaCppLLM, "bidirectional_image", False, raising=False)
     monkeypatch.setattr(LlamaCppLLM, "__init__", _causal_init(LlamaCppLLM.__init__), raising=True)
     causal = float(np.abs(llama_cpp_logits() - want).max())
     assert causal > 20 * error, (causal, error)
     parity = imported.variant("llm", "gguf-f16").parity
     assert parity["max_abs_diff_image"] < 5e-3 and parity["max_abs_diff_tokens"] < 5e-3
+
+
+def _logprobs(logits, ids, start):
+    """Log-probabilities of the ids after the image under the reference's logits."""
+    tail = start + TOKENS_PER_IMAGE
+    rows = torch.log_softmax(torch.from_numpy(logits[tail - 1 : len(ids) - 1]), -1)
+    return rows[torch.arange(len(rows)), torch.tensor(ids[tail:])].numpy()
 
 
 def _causal_init(init):

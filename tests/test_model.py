@@ -86,6 +86,10 @@ def batch(tokenizer, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         ({"prompt_template": "alpaca"}, "prompt_template"),
         ({"preprocess": {"image_size": 32, "channels": 1}}, "vision encoder takes 1x64px"),
         ({"llm": {"n_layers": 2}}, "unknown llm field"),
+        ({"llm": {"arch": "gpt2"}}, "LLMConfig.arch"),
+        ({"llm": {"sliding_window": 8}}, "sliding_window and rope_local_theta"),
+        ({"bridger": {"kind": "gemma3", "tokens_per_image": 15}}, "a square number"),
+        ({"bridger": {"kind": "gemma3", "tokens_per_image": 9}}, "must divide evenly"),
     ],
 )
 def test_config_validation(overrides, message):
@@ -118,6 +122,10 @@ def test_count_parameters_of_real_shapes():
     assert count_parameters(get_preset("vitb16-llama1b"))["llm"] == 1_235_814_400
     assert count_parameters(get_preset("so400m-llama7b"))["llm"] == 6_738_415_616
     assert count_parameters(get_preset("vitb16-llama1b"))["vision"] == 85_799_424
+    # MedGemma 4B (Gemma 3 4B + SigLIP-SO400M at 896 px + its projector): "4.3B parameters"
+    medgemma = get_preset("siglip896-gemma3-4b")
+    assert count_parameters(medgemma)["total"] == 4_300_079_472
+    assert medgemma.n_image_tokens == 256 and medgemma.llm.head_size == 256
 
 
 @pytest.mark.parametrize(
@@ -128,6 +136,16 @@ def test_count_parameters_of_real_shapes():
         {"vision": {"kind": "clip"}, "llm": {"tie_word_embeddings": False}},
         {"vision": {"use_head": True}},
         {"vision": {"kind": "dinov2", "feature_norm": True}, "bridger": {"mlp_layers": 4}},
+        {
+            "vision": {"patch_size": 8, "feature_norm": True},
+            "bridger": {"kind": "gemma3", "tokens_per_image": 16},
+            "llm": {
+                "arch": "gemma3",
+                "head_dim": 32,
+                "sliding_window": 8,
+                "rope_local_theta": 10000.0,
+            },
+        },
     ],
 )
 def test_count_parameters_equals_built_model(tokenizer, overrides):

@@ -440,9 +440,29 @@ _register(
               intermediate_size=11008, max_position_embeddings=4096, tie_word_embeddings=False,
               pad_token_id=0),
 )
+# Real-size shapes of MedGemma 4B: SigLIP-SO400M/14 at 896 px (its last layer through the final
+# norm), Gemma 3's projector pooling 64 x 64 patches to 256 tokens, the Gemma 3 4B decoder.
+_register(
+    "siglip896-gemma3-4b",
+    VisionConfig(kind="siglip", image_size=896, patch_size=14, num_channels=3, hidden_size=1152,
+                 num_layers=27, num_heads=16, intermediate_size=4304, feature_layer=-1,
+                 feature_norm=True, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+    BridgerConfig(kind="gemma3", tokens_per_image=256),
+    LLMConfig(arch="gemma3", vocab_size=262208, hidden_size=2560, num_layers=34, num_heads=8,
+              num_kv_heads=4, head_dim=256, intermediate_size=10240,
+              max_position_embeddings=131072, rope_theta=1000000.0,
+              rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window=1024,
+              rope_local_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+              bos_token_id=2, eos_token_id=106, pad_token_id=0),
+)
 # fmt: on
 # The real-size presets by the short names `cxrlite bench --shape` takes.
-SHAPES = {"1b": "vitb16-llama1b", "7b": "so400m-llama7b", "llava-rad": "dinov2b14-vicuna7b"}
+SHAPES = {
+    "1b": "vitb16-llama1b",
+    "7b": "so400m-llama7b",
+    "llava-rad": "dinov2b14-vicuna7b",
+    "medgemma": "siglip896-gemma3-4b",
+}
 
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:

@@ -164,8 +164,9 @@ def image_attention_masks(
     ways (Gemma 3), built by transformers' own Gemma 3 code: causal, except that each run of
     `image_positions` ([B, T] bool) is one bidirectional block; sliding-window layers keep their
     window. None for a causal family (the model builds its usual mask)."""
-    family = next(f for f in LLM_FAMILIES.values() if f.model_class == type(llm).__name__)
-    if not family.bidirectional_image or not bool(image_positions.any()):
+    model_class = type(llm).__name__
+    family = next((f for f in LLM_FAMILIES.values() if f.model_class == model_class), None)
+    if family is None or not family.bidirectional_image or not bool(image_positions.any()):
         return None
     from transformers.models.gemma3.modeling_gemma3 import (
         create_masks_for_vision_model,

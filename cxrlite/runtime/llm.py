@@ -152,9 +152,10 @@ class TorchLLMBackend:
         self._past: Any = None
         self.n_past = 0
 
-    def _embeds(self, segments: Sequence[Segment]) -> Any:
+    def _embeds(self, segments: Sequence[Segment]) -> tuple[Any, Any]:
+        """The prompt's input embeddings [1, T, D] and which positions hold an image [1, T]."""
         torch = self._torch
-        parts = []
+        parts, image = [], []
         for segment in segments:
             if isinstance(segment, np.ndarray) and segment.dtype.kind == "f":
                 if segment.ndim != 2 or segment.shape[1] != self._table.embedding_dim:
@@ -163,25 +164,35 @@ class TorchLLMBackend:
                     )
                 embeds = torch.tensor(np.asarray(segment, dtype=np.float32))
                 parts.append(embeds.to(self.device, self.dtype))
+                image.append(torch.ones(len(embeds), dtype=torch.bool))
             elif len(segment):
                 ids = torch.tensor([int(t) for t in segment], dtype=torch.long)
                 if int(ids.min()) < 0 or int(ids.max()) >= self.n_vocab:
                     raise ValueError(f"token id outside the vocabulary ({self.n_vocab})")
                 parts.append(self._table(ids.to(self.device)))
+                image.append(torch.zeros(len(ids), dtype=torch.bool))
         if not parts:
             raise ValueError("nothing to decode: all segments are empty")
         embeds = torch.cat(parts).unsqueeze(0)
         if embeds.shape[1] > self.n_ctx:
             raise ValueError(f"{embeds.shape[1]} positions exceed the context of {self.n_ctx}")
-        return embeds
+        return embeds, torch.cat(image).unsqueeze(0).to(self.device)
+
+    def _forward(self, embeds: Any, image: Any, use_cache: bool = False) -> Any:
+        """The LLM on a prompt, its image attended to as the model family does (both ways in
+        Gemma 3, built from transformers' own masks)."""
+        from cxrlite.model.language import image_attention_masks
+
+        masks = image_attention_masks(self.llm, embeds, image)
+        return self.llm(inputs_embeds=embeds, attention_mask=masks, use_cache=use_cache)
 
     def _last_logits(self, out: Any) -> np.ndarray:
         return out.logits[0, -1].float().cpu().numpy()
 
     def prefill(self, segments: Sequence[Segment]) -> np.ndarray:
         with self._torch.no_grad():
-            embeds = self._embeds(segments)
-            out = self.llm(inputs_embeds=embeds, use_cache=True)
+            embeds, image = self._embeds(segments)
+            out = self._forward(embeds, image, use_cache=True)
         self._past, self.n_past = out.past_key_values, int(embeds.shape[1])
         return self._last_logits(out)
 
@@ -193,7 +204,7 @@ class TorchLLMBackend:
             raise ValueError(f"the context of {self.n_ctx} positions is full")
         ids = torch.tensor([[int(token_id)]], device=self.device)
         with torch.no_grad():
-            out = self.llm(input_ids=ids, past_key_values=self._past, use_cache=True)
+            out = self.llm(input_ids=ids, cache=self._past, use_cache=True)
         self._past, self.n_past = out.past_key_values, self.n_past + 1
         return self._last_logits(out)
 
@@ -201,8 +212,8 @@ class TorchLLMBackend:
         ids = _check_answer(answer_ids)
         self._past, self.n_past = None, 0
         with self._torch.no_grad():
-            embeds = self._embeds([*segments, ids[:-1]])
-            logits = self.llm(inputs_embeds=embeds).logits[0, -len(ids) :].float().cpu().numpy()
+            embeds, image = self._embeds([*segments, ids[:-1]])
+            logits = self._forward(embeds, image).logits[0, -len(ids) :].float().cpu().numpy()
         return _answer_logprobs(logits, ids)
 
     def close(self) -> None:
