@@ -73,6 +73,12 @@ def linear_in_features(cfg: LLMConfig) -> dict[str, int]:
 
 def check_gptq_shapes(cfg: LLMConfig, bits: int, group_size: int) -> None:
     """Raise GPTQError unless every linear layer packs in the standard GPTQ format."""
+    if cfg.arch != "llama":
+        # The writer and the runtime's loader build a LlamaForCausalLM; GPTQModel quantizes
+        # Gemma 3 too, but its folder and loading are not wired here yet.
+        raise GPTQError(
+            f"GPTQ export takes a Llama-family LLM; this one is {cfg.arch} (use --gguf)"
+        )
     if bits not in SUPPORTED_BITS:
         raise GPTQError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if group_size != -1 and group_size <= 0:

@@ -59,6 +59,11 @@ def test_shape_rules():
         check_gptq_shapes(ok, bits=4, group_size=48)
     with pytest.raises(GPTQError, match="bits must be one of"):
         check_gptq_shapes(ok, bits=3, group_size=32)
+    gemma3 = get_preset(
+        "tiny", llm={"arch": "gemma3", "sliding_window": 8, "rope_local_theta": 1e4}
+    ).llm
+    with pytest.raises(GPTQError, match="Llama-family LLM; this one is gemma3"):
+        check_gptq_shapes(gemma3, bits=4, group_size=32)
 
 
 def test_bad_requests_fail_before_quantizing(checkpoint, tmp_path):
