@@ -384,3 +384,124 @@ def maira2_vision_weights(image_size: int, seed: int) -> dict[str, torch.Tensor]
             b + "layer_scale2.lambda1": 0.5 + rnd(d),
         })  # fmt: skip
     return state
+
+
+# --- CXR-LLaVA -------------------------------------------------------------------------------
+
+# open_clip ViT at tiny widths; head_width 32 (not open_clip's default 64) so the head count is
+# read from the config, not assumed
+CXR_LLAVA_VISION = {"width": 64, "layers": 2, "head_width": 32, "patch": 16, "embed_dim": 48}
+# image_preprocess_cfg's mean and std as a run of the published model recorded them
+CXR_LLAVA_MEAN, CXR_LLAVA_STD = 0.5518136078431373, 0.3821719215686275
+# what transformers 4.36's LlamaConfig.to_dict() adds beside the architecture (CXRLLAVAConfig
+# keeps the `llama` dict as given)
+_LLAMA_DUMP_NOISE = {
+    "_name_or_path": "meta-llama/Llama-2-7b-chat-hf", "architectures": ["LlamaForCausalLM"],
+    "add_cross_attention": False, "chunk_size_feed_forward": 0, "do_sample": False,
+    "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "is_decoder": False,
+    "is_encoder_decoder": False, "label2id": {"LABEL_0": 0, "LABEL_1": 1}, "max_length": 20,
+    "model_type": "llama", "output_hidden_states": False, "pretraining_tp": 1,
+    "return_dict": True, "temperature": 1.0, "top_p": 1.0, "torch_dtype": "bfloat16",
+    "torchscript": False, "transformers_version": "4.36.2", "use_cache": True,
+}  # fmt: skip
+
+
+def open_clip_tower(image_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """open_clip's VisionTransformer state dict (no prefix), 1-channel conv1 without bias,
+    nn.MultiheadAttention's fused in_proj, `proj` (width x embed_dim)."""
+    g = torch.Generator().manual_seed(seed)
+    v = CXR_LLAVA_VISION
+    d, p = v["width"], v["patch"]
+    n = (image_size // p) ** 2
+
+    def rnd(*shape: int, scale: float = 0.05) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    state = {
+        "conv1.weight": rnd(d, 1, p, p), "class_embedding": rnd(d),
+        "positional_embedding": rnd(n + 1, d), "ln_pre.weight": 1 + rnd(d),
+        "ln_pre.bias": rnd(d), "ln_post.weight": 1 + rnd(d), "ln_post.bias": rnd(d),
+        "proj": rnd(d, v["embed_dim"]),
+    }  # fmt: skip
+    for i in range(v["layers"]):
+        b = f"transformer.resblocks.{i}."
+        state.update({
+            b + "ln_1.weight": 1 + rnd(d), b + "ln_1.bias": rnd(d),
+            b + "attn.in_proj_weight": rnd(3 * d, d, scale=0.2), b + "attn.in_proj_bias": rnd(3 * d),
+            b + "attn.out_proj.weight": rnd(d, d, scale=0.2), b + "attn.out_proj.bias": rnd(d),
+            b + "ln_2.weight": 1 + rnd(d), b + "ln_2.bias": rnd(d),
+            b + "mlp.c_fc.weight": rnd(4 * d, d, scale=0.2), b + "mlp.c_fc.bias": rnd(4 * d),
+            b + "mlp.c_proj.weight": rnd(d, 4 * d, scale=0.2), b + "mlp.c_proj.bias": rnd(d),
+        })  # fmt: skip
+    return state
+
+
+def write_cxr_llava(
+    folder: Path, image_size: int = 512, seed: int = 4, legacy: bool | None = False
+) -> Path:
+    """ECOFRI/CXR-LLAVA-v2's layout: config.json (model_type "CXR-LLAVA": clip_vision_cfg,
+    clip_embed_dim, image_preprocess_cfg, mm_projector_dim, the llama dict), bf16 safetensors
+    shards with their index (`vision_tower.*`, `mm_projector.*`, `llama.*`, `lm_head.weight`),
+    Llama-2's tokenizer files without a chat template (`legacy` None: no such field), the
+    generation config and the remote code, which must never run."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = write_llama_tokenizer(folder)
+    if legacy is None:
+        spec = json.loads((folder / "tokenizer_config.json").read_text())
+        del spec["legacy"]
+        (folder / "tokenizer_config.json").write_text(json.dumps(spec, indent=2) + "\n")
+    v = CXR_LLAVA_VISION
+    llama = {
+        "vocab_size": vocab, "hidden_size": LLM["hidden"], "intermediate_size": LLM["intermediate"],
+        "num_hidden_layers": LLM["layers"], "num_attention_heads": LLM["heads"],
+        "num_key_value_heads": LLM["heads"], "hidden_act": "silu", "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "rope_scaling": None,
+        "attention_bias": False, "tie_word_embeddings": False, "bos_token_id": 1,
+        "eos_token_id": 2, "pad_token_id": None,
+    }  # fmt: skip
+    config = {
+        "_name_or_path": "ECOFRI/CXR-LLAVA-v2", "architectures": ["CXRLLAVAModel"],
+        "auto_map": {"AutoConfig": "CXR_LLAVA_HF.CXRLLAVAConfig",
+                     "AutoModel": "CXR_LLAVA_HF.CXRLLAVAModel"},
+        "model_type": "CXR-LLAVA", "clip_embed_dim": v["embed_dim"],
+        "clip_vision_cfg": {"image_size": image_size, "layers": v["layers"], "width": v["width"],
+                            "head_width": v["head_width"], "patch_size": v["patch"],
+                            "mlp_ratio": 4.0, "output_tokens": True},
+        "clip_vision_tower_dtype": "bf16", "mm_projector_dim": v["width"],
+        "image_preprocess_cfg": {"mean": CXR_LLAVA_MEAN, "std": CXR_LLAVA_STD},
+        "llama": {**_LLAMA_DUMP_NOISE, **llama}, "torch_dtype": "bfloat16",
+        "transformers_version": "4.36.2",
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "temperature": 0.6,
+                  "top_p": 0.9, "max_length": 4096, "transformers_version": "4.36.2"}  # fmt: skip
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    for name in ("CXR_LLAVA_HF.py", "VisualTransformer.py"):
+        (folder / name).write_text(
+            "from pathlib import Path\nPath(__file__).with_name('remote-code-ran').touch()\n"
+        )
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(LlamaConfig(**llama))
+    state = {
+        ("lm_head.weight" if k == "lm_head.weight" else "llama." + k.removeprefix("model.")): t
+        for k, t in hf.state_dict().items()
+    }
+    state.update({f"vision_tower.{k}": t for k, t in open_clip_tower(image_size, seed).items()})
+    g = torch.Generator().manual_seed(seed + 1)
+    state["mm_projector.weight"] = torch.randn(LLM["hidden"], v["width"], generator=g) * 0.05
+    state["mm_projector.bias"] = torch.randn(LLM["hidden"], generator=g) * 0.05
+    state = {k: t.to(torch.bfloat16).contiguous() for k, t in state.items()}  # cast as published
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}  # fmt: skip
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(folder / shard), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(t.numel() * 2 for t in state.values())},
+             "weight_map": {k: s for s, keys in shards.items() for k in keys}}  # fmt: skip
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps(index, indent=2, sort_keys=True) + "\n"
+    )
+    return folder

@@ -85,6 +85,25 @@ def maira2(src: Path, out: Path, checkpoint_out: Path | None, accept_license: bo
     _summary(bundle, checkpoint_out)
 
 
+@import_group.command("cxr-llava")
+@click.argument("src", type=click.Path(path_type=Path))
+@_common
+def cxr_llava(src: Path, out: Path, checkpoint_out: Path | None, accept_license: bool,
+              revision: str | None, overwrite: bool) -> None:  # fmt: skip
+    """CXR-LLaVA v2, its radiologic report. SRC: the ECOFRI/CXR-LLAVA-v2 folder (config.json,
+    model-*.safetensors and index, tokenizer.model, tokenizer_config.json); its own code is never
+    run."""
+    from cxrlite.export.importers.common import default_checkpoint_out
+    from cxrlite.export.importers.cxr_llava import import_cxr_llava
+
+    checkpoint_out = checkpoint_out or default_checkpoint_out(out)
+    bundle = import_cxr_llava(
+        src, out, accept_license=accept_license, checkpoint_out=checkpoint_out,
+        revision=revision, overwrite=overwrite,
+    )  # fmt: skip
+    _summary(bundle, checkpoint_out)
+
+
 @import_group.command("medgemma")
 @click.argument("src", type=click.Path(path_type=Path))
 @_common

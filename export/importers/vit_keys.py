@@ -1,10 +1,12 @@
-"""DINOv2 ViT weights in their published layouts -> transformers 5's Dinov2Model names (ours).
+"""Published ViT weights -> transformers 5's names (ours): DINOv2 and open_clip.
 
-Two layouts reach us: timm's VisionTransformer (LLaVA-Rad's BiomedCLIP-CXR trunk: fused qkv,
-`ls1.gamma` LayerScale, `blocks.N`), and transformers 4's Dinov2Model (MAIRA-2's RAD-DINO:
-`attention.attention.query`). Both are tables of renames; timm's fused qkv is split in three.
-Shapes are read from the tensors (tests use tiny widths), and `dinov2_shapes` says which widths
-they imply so the importer can check them against the config.
+Three layouts reach us: timm's VisionTransformer (LLaVA-Rad's BiomedCLIP-CXR trunk: fused qkv,
+`ls1.gamma` LayerScale, `blocks.N`) and transformers 4's Dinov2Model (MAIRA-2's RAD-DINO:
+`attention.attention.query`), both into Dinov2Model; and open_clip's VisionTransformer
+(CXR-LLaVA's: `conv1`, `transformer.resblocks.N`, nn.MultiheadAttention's fused `in_proj`) into
+CLIPVisionModel. All are tables of renames; a fused qkv is split in three. Shapes are read from
+the tensors (tests use tiny widths), and `dinov2_shapes` says which widths they imply so the
+importer can check them against the config.
 """
 
 from __future__ import annotations
@@ -43,6 +45,33 @@ _HF4_LAYER = {
     "attention.attention.key": "attention.k_proj",
     "attention.attention.value": "attention.v_proj",
     "attention.output.dense": "attention.o_proj",
+}
+
+
+# open_clip VisionTransformer name -> CLIPVisionModel's, per block ("resblocks.N"); its
+# attn.in_proj_weight / in_proj_bias (q, k, v stacked, nn.MultiheadAttention's order) are split
+_OPEN_CLIP_BLOCK = {
+    "ln_1.weight": "layer_norm1.weight",
+    "ln_1.bias": "layer_norm1.bias",
+    "attn.out_proj.weight": "self_attn.out_proj.weight",
+    "attn.out_proj.bias": "self_attn.out_proj.bias",
+    "ln_2.weight": "layer_norm2.weight",
+    "ln_2.bias": "layer_norm2.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight",
+    "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight",
+    "mlp.c_proj.bias": "mlp.fc2.bias",
+}
+# conv1 has no bias in open_clip, nor in CLIP; ln_post is CLIP's post_layernorm. `proj` (the
+# pooled CLS's contrastive projection) has no counterpart: the caller decides what to do with it.
+_OPEN_CLIP_TOP = {
+    "conv1.weight": "embeddings.patch_embedding.weight",
+    "class_embedding": "embeddings.class_embedding",
+    "positional_embedding": "embeddings.position_embedding.weight",
+    "ln_pre.weight": "pre_layrnorm.weight",
+    "ln_pre.bias": "pre_layrnorm.bias",
+    "ln_post.weight": "post_layernorm.weight",
+    "ln_post.bias": "post_layernorm.bias",
 }
 
 
@@ -96,3 +125,26 @@ def dinov2_shapes(ours: dict[str, torch.Tensor]) -> dict[str, Any]:
         "num_layers": len(_blocks(ours, r"encoder\.layer\.(\d+)\.")),
         "intermediate_size": ours["encoder.layer.0.mlp.fc1.weight"].shape[0],
     }
+
+
+def open_clip_to_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An open_clip VisionTransformer's state dict (keys without prefix, `proj` taken out) in
+    CLIPVisionModel's names. Raises KeyError naming the first key that is missing, ValueError
+    naming keys the map does not read (LayerScale, attentional pooling: another architecture,
+    which a silent drop would turn into wrong features)."""
+    out = {ours: state[theirs] for theirs, ours in _OPEN_CLIP_TOP.items()}
+    read = set(_OPEN_CLIP_TOP)
+    for i in _blocks(state, r"transformer\.resblocks\.(\d+)\."):
+        block = f"transformer.resblocks.{i}."
+        for theirs, ours in _OPEN_CLIP_BLOCK.items():
+            out[f"encoder.layers.{i}.{ours}"] = state[block + theirs]
+            read.add(block + theirs)
+        for part in ("weight", "bias"):
+            q, k, v = state[f"{block}attn.in_proj_{part}"].chunk(3, dim=0)
+            read.add(f"{block}attn.in_proj_{part}")
+            for name, tensor in zip(("q_proj", "k_proj", "v_proj"), (q, k, v), strict=True):
+                out[f"encoder.layers.{i}.self_attn.{name}.{part}"] = tensor.contiguous()
+    unread = sorted(set(state) - read)
+    if unread:
+        raise ValueError(f"unexpected weights {unread[:4]} (not a plain open_clip ViT)")
+    return out
