@@ -1,13 +1,17 @@
-"""cxrlite serve against llama-cpp-python's own server on the same GGUF.
+"""cxrlite serve against llama.cpp's servers on the same GGUF: llama-cpp-python's, or llama.cpp's
+own C++ `llama-server` with the vision tower as an mmproj and image requests (Ollama's path).
 
     cxrlite bench compare BUNDLE --concurrency 1,4,8 --requests 16 --out cmp/
+    cxrlite bench compare BUNDLE --llama-server build/bin/llama-server --mmproj mmproj.gguf \
+        --image study.png --parallel 4 --concurrency 1,4       # images (cxrlite bench mmproj)
     python -m cxrlite.bench.server_compare BUNDLE --concurrency 1,4,8     # the same
     python -m cxrlite.bench.server_compare BUNDLE --mode soak ...         # cxrlite bench soak
 
-It starts `cxrlite serve BUNDLE` and `python -m llama_cpp.server --model GGUF`
-(the bundle's default LLM variant, or --llm-variant: the same file) one after the other, never
-both at once, each on a free loopback port, and sends both the same streaming text requests
-(greedy, same max_tokens) at each concurrency level through cxrlite.bench.loadtest. With
+It starts `cxrlite serve BUNDLE` and `python -m llama_cpp.server --model GGUF` (or
+`llama-server --model GGUF [--mmproj F] --parallel N`) on the bundle's default LLM variant (or
+--llm-variant: the same file), one after the other, never both at once, each on a free loopback
+port, and sends both the same streaming requests (greedy, same max_tokens, the same image with
+--image) at each concurrency level through cxrlite.bench.loadtest. With
 interleaving (default) each level runs on a fresh start of each server, A1 B1 A4 B4 ..., so a
 drift in the machine's load hits both alike. Output: compare.json (with the environment),
 compare.md and a terminal table: requests/s, tokens/s, tokens per request, TTFT p50/p90, ITL p50,
@@ -40,6 +44,7 @@ from cxrlite.bench.servers import (
     cxrlite_spec,
     free_port,
     llama_cpp_spec,
+    llama_server_spec,
     managed_run,
     running_server,
     server_options,
@@ -52,15 +57,18 @@ SCHEMA_COMPARE = "cxrlite-server-compare/1"
 SERVERS = ("cxrlite", "llama_cpp")
 
 
-async def _probe(url: str, prompt: str, max_tokens: int, timeout: float) -> dict[str, Any]:
+async def _probe(
+    url: str, prompt: str, image: str | None, max_tokens: int, timeout: float
+) -> dict[str, Any]:
     """One untimed non-streaming request: the token counts the server itself reports."""
     import httpx
 
     from cxrlite.bench.loadtest import CHAT_PATH, build_payload, discover_model
 
+    data = Path(image).read_bytes() if image else None
     async with httpx.AsyncClient(timeout=timeout) as client:
         model = await discover_model(client, url, {})
-        body = {**build_payload(model, prompt, None, max_tokens), "stream": False}
+        body = {**build_payload(model, prompt, data, max_tokens, image or ""), "stream": False}
         body.pop("stream_options")
         response = await client.post(url + CHAT_PATH, json=body)
     if response.status_code != 200:
@@ -118,8 +126,13 @@ def run_compare(
     tolerance: float = 0.05,
     start_timeout: float = 300.0,
     request_timeout: float = 300.0,
+    image: str | None = None,
+    llama_server: str | Path | None = None,
+    mmproj: str | Path | None = None,
+    parallel: int = 1,
 ) -> dict[str, Any]:
-    """Both servers on the same GGUF and text requests, one server at a time (module docs)."""
+    """Both servers on the same GGUF and requests, one server at a time (module docs); the peer
+    is llama-cpp-python's server, or `llama_server` (a binary) with `mmproj` and `parallel`."""
     from cxrlite.bench.loadtest import run_loadtest
     from cxrlite.bench.report import environment
 
@@ -130,8 +143,22 @@ def run_compare(
     out = Path(out_dir)
     specs = {
         "cxrlite": lambda: cxrlite_spec(bundle_dir, free_port(), threads, llm_variant),
-        "llama_cpp": lambda: llama_cpp_spec(llm.gguf, free_port(), threads, llm.n_ctx),
+        "llama_cpp": lambda: (
+            llama_server_spec(
+                llama_server,
+                llm.gguf,
+                free_port(),
+                threads,
+                llm.n_ctx,
+                mmproj=mmproj,
+                parallel=parallel,
+            )  # fmt: skip
+            if llama_server
+            else llama_cpp_spec(llm.gguf, free_port(), threads, llm.n_ctx)
+        ),
     }
+    if image and not (llama_server and mmproj):
+        raise ServerCompareError("image requests need the llama-server peer with --mmproj")
     segments = [list(concurrency)] if not interleave else [[c] for c in concurrency]
     servers: dict[str, dict[str, Any]] = {}
     levels: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in SERVERS}
@@ -142,11 +169,12 @@ def run_compare(
                 info = servers.setdefault(name, {"command": spec.command, "exit_codes": []})
                 if "probe" not in info:
                     info["probe"] = asyncio.run(
-                        _probe(spec.url, prompt, max_tokens, request_timeout)
+                        _probe(spec.url, prompt, image, max_tokens, request_timeout)
                     )
                 result = run_loadtest(
                     spec.url, segment, requests=requests, prompt=prompt, max_tokens=max_tokens,
                     timeout=request_timeout, warmup=warmup, model=info["probe"]["model"],
+                    image=image,
                 )  # fmt: skip
                 for lv in result["levels"]:
                     levels[name][lv["concurrency"]] = lv
@@ -177,7 +205,9 @@ def run_compare(
     errors = {n: sum(sum(r[n]["errors"].values()) for r in rows) for n in SERVERS}
     settings = {"concurrency": list(concurrency), "requests_per_level": requests,
                 "max_tokens": max_tokens, "prompt": prompt, "temperature": 0.0, "threads": threads,
-                "warmup": warmup, "interleave": interleave, "tolerance": tolerance}  # fmt: skip
+                "warmup": warmup, "interleave": interleave, "tolerance": tolerance,
+                "image": image, "peer": "llama-server" if llama_server else "llama_cpp.server",
+                "peer_parallel": parallel if llama_server else 1}  # fmt: skip
     return {
         "schema": SCHEMA_COMPARE,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -307,12 +337,22 @@ def print_compare(result: dict[str, Any]) -> None:
               help="A fresh start of each server per level, or each server started once.")
 @click.option("--tolerance", type=float, default=0.05, show_default=True,
               help="Noise allowed in the ratios.")
+@click.option("--llama-server", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Compare with llama.cpp's C++ llama-server (this binary) "
+              "instead of llama_cpp.server.")
+@click.option("--mmproj", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="llama-server's vision tower (cxrlite bench mmproj).")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Send this image with every request (needs --mmproj).")
+@click.option("--parallel", type=click.IntRange(1), default=1, show_default=True,
+              help="llama-server's slots decoded together.")
 @click.pass_context
 def compare_command(ctx: click.Context, bundle: Path, out: Path, threads: int,
                     llm_variant: str | None, prompt: str, max_tokens: int, start_timeout: float,
                     request_timeout: float, concurrency: str, requests: int, warmup: int,
-                    interleave: bool, tolerance: float) -> None:
-    """cxrlite serve vs llama_cpp.server on the bundle's GGUF, one at a time, same requests.
+                    interleave: bool, tolerance: float, llama_server: Path | None,
+                    mmproj: Path | None, image: Path | None, parallel: int) -> None:
+    """cxrlite serve vs llama.cpp's server on the bundle's GGUF, one at a time, same requests.
     Exit code 0 when cxrlite is equal or better at every level, 1 when not, 2 on errors."""
     from cxrlite.fileio import atomic_write_text, write_json
 
@@ -323,7 +363,8 @@ def compare_command(ctx: click.Context, bundle: Path, out: Path, threads: int,
             bundle, out, concurrency=levels, requests=requests, warmup=warmup,
             interleave=interleave, tolerance=tolerance, max_tokens=max_tokens, prompt=prompt,
             threads=threads, llm_variant=llm_variant, start_timeout=start_timeout,
-            request_timeout=request_timeout,
+            request_timeout=request_timeout, image=str(image) if image else None,
+            llama_server=llama_server, mmproj=mmproj, parallel=parallel,
         )
         write_json(out / "compare.json", result)
         atomic_write_text(out / "compare.md", compare_markdown(result))

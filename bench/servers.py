@@ -174,6 +174,29 @@ def llama_cpp_spec(gguf: str | Path, port: int, threads: int, n_ctx: int) -> Ser
     return ServerSpec("llama_cpp", command, port, "/v1/models")
 
 
+def llama_server_spec(
+    binary: str | Path,
+    gguf: str | Path,
+    port: int,
+    threads: int,
+    n_ctx: int,
+    *,
+    mmproj: str | Path | None = None,
+    parallel: int = 1,
+) -> ServerSpec:
+    """llama.cpp's own C++ server (the path Ollama takes), with the vision tower as an mmproj
+    and `parallel` slots decoded together. -c is the total over slots, so each slot gets n_ctx;
+    f16 KV cache and flash attention as cxrlite's runtime; no prompt-cache reuse is turned off
+    (llama-server keeps each slot's prefix, as cxrlite keeps its prompt states)."""
+    command = [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+               "--ctx-size", str(n_ctx * parallel), "--parallel", str(parallel),
+               "--threads", str(threads), "--threads-batch", str(threads),
+               "--flash-attn", "on", "--no-webui"]  # fmt: skip
+    if mmproj is not None:
+        command += ["--mmproj", str(mmproj)]
+    return ServerSpec("llama_cpp", command, port, "/health")
+
+
 # --- process management ----------------------------------------------------------------------
 
 

@@ -36,7 +36,12 @@ TOOLS = {
     "compare": (
         "cxrlite.bench.server_compare",
         "compare_command",
-        "cxrlite serve vs llama_cpp.server on the same GGUF.",
+        "cxrlite serve vs llama.cpp's servers on the same GGUF.",
+    ),
+    "mmproj": (
+        "cxrlite.bench.mmproj",
+        "mmproj_command",
+        "A checkpoint's vision tower as llama.cpp's mmproj.",
     ),
     "soak": (
         "cxrlite.bench.soak",
