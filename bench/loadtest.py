@@ -73,6 +73,23 @@ def check_loopback(url: str, allow_remote: bool = False) -> None:
         )
 
 
+def image_variant(image: bytes, index: int) -> bytes:
+    """The image as a PNG with one pixel changed by `index`: another picture to every cache (an
+    embedding cache keyed on pixels, a prompt cache keyed on image hashes), the same cost."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image)) as opened:
+        picture = opened.convert("L")
+    width = picture.width
+    x, y = index % width, (index // width) % picture.height
+    picture.putpixel((x, y), (picture.getpixel((x, y)) + 1 + index % 7) % 256)
+    out = io.BytesIO()
+    picture.save(out, format="PNG")
+    return out.getvalue()
+
+
 def build_payload(
     model: str, prompt: str, image: bytes | None, max_tokens: int, image_name: str = "image.png"
 ) -> dict[str, Any]:
@@ -247,6 +264,7 @@ async def run_loadtest_async(
     timeout: float = 300.0,
     warmup: int = 1,
     allow_remote: bool = False,
+    distinct_images: bool = False,
 ) -> dict[str, Any]:
     import httpx
 
@@ -266,12 +284,24 @@ async def run_loadtest_async(
         model = model or await discover_model(client, base, headers)
         name = Path(image).name if image else "image.png"
         payload = build_payload(model, prompt, image_bytes, max_tokens, name)
-        for _ in range(warmup):
-            await one_request(client, base + CHAT_PATH, payload, headers)
+        fresh = iter(range(1, 1 << 30))  # distinct_images: each request its own picture
+
+        def payloads(n: int) -> list[dict[str, Any]]:
+            if not (distinct_images and image_bytes):
+                return [payload]
+            return [
+                build_payload(
+                    model, prompt, image_variant(image_bytes, next(fresh)), max_tokens, "image.png"
+                )  # fmt: skip
+                for _ in range(n)
+            ]
+
+        for body in payloads(warmup)[:warmup]:
+            await one_request(client, base + CHAT_PATH, body, headers)
         levels = []
         for level in concurrency:
             summary = await run_level(
-                client, base + CHAT_PATH, payload, headers, level, requests, duration
+                client, base + CHAT_PATH, payloads(requests), headers, level, requests, duration
             )
             logger.info("concurrency %d: %s", level, summary)
             levels.append(summary)
@@ -280,6 +310,7 @@ async def run_loadtest_async(
         "url": base,
         "model": model,
         "image": Path(image).name if image else None,
+        "distinct_images": bool(distinct_images and image_bytes),
         "max_tokens": max_tokens,
         "requests_per_level": requests,
         "duration_s": duration,

@@ -130,6 +130,7 @@ def run_compare(
     llama_server: str | Path | None = None,
     mmproj: str | Path | None = None,
     parallel: int = 1,
+    distinct_images: bool = False,
 ) -> dict[str, Any]:
     """Both servers on the same GGUF and requests, one server at a time (module docs); the peer
     is llama-cpp-python's server, or `llama_server` (a binary) with `mmproj` and `parallel`."""
@@ -174,7 +175,7 @@ def run_compare(
                 result = run_loadtest(
                     spec.url, segment, requests=requests, prompt=prompt, max_tokens=max_tokens,
                     timeout=request_timeout, warmup=warmup, model=info["probe"]["model"],
-                    image=image,
+                    image=image, distinct_images=distinct_images,
                 )  # fmt: skip
                 for lv in result["levels"]:
                     levels[name][lv["concurrency"]] = lv
@@ -207,7 +208,8 @@ def run_compare(
                 "max_tokens": max_tokens, "prompt": prompt, "temperature": 0.0, "threads": threads,
                 "warmup": warmup, "interleave": interleave, "tolerance": tolerance,
                 "image": image, "peer": "llama-server" if llama_server else "llama_cpp.server",
-                "peer_parallel": parallel if llama_server else 1}  # fmt: skip
+                "peer_parallel": parallel if llama_server else 1,
+                "distinct_images": distinct_images}  # fmt: skip
     return {
         "schema": SCHEMA_COMPARE,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -346,12 +348,15 @@ def print_compare(result: dict[str, Any]) -> None:
               default=None, help="Send this image with every request (needs --mmproj).")
 @click.option("--parallel", type=click.IntRange(1), default=1, show_default=True,
               help="llama-server's slots decoded together.")
+@click.option("--distinct-images", is_flag=True,
+              help="Each request its own picture (--image with one pixel changed): no cache hits.")
 @click.pass_context
 def compare_command(ctx: click.Context, bundle: Path, out: Path, threads: int,
                     llm_variant: str | None, prompt: str, max_tokens: int, start_timeout: float,
                     request_timeout: float, concurrency: str, requests: int, warmup: int,
                     interleave: bool, tolerance: float, llama_server: Path | None,
-                    mmproj: Path | None, image: Path | None, parallel: int) -> None:
+                    mmproj: Path | None, image: Path | None, parallel: int,
+                    distinct_images: bool) -> None:
     """cxrlite serve vs llama.cpp's server on the bundle's GGUF, one at a time, same requests.
     Exit code 0 when cxrlite is equal or better at every level, 1 when not, 2 on errors."""
     from cxrlite.fileio import atomic_write_text, write_json
@@ -365,6 +370,7 @@ def compare_command(ctx: click.Context, bundle: Path, out: Path, threads: int,
             threads=threads, llm_variant=llm_variant, start_timeout=start_timeout,
             request_timeout=request_timeout, image=str(image) if image else None,
             llama_server=llama_server, mmproj=mmproj, parallel=parallel,
+            distinct_images=distinct_images,
         )
         write_json(out / "compare.json", result)
         atomic_write_text(out / "compare.md", compare_markdown(result))

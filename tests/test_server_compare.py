@@ -10,6 +10,7 @@ import re
 import sys
 from collections import Counter
 
+import numpy as np
 import psutil
 import pytest
 from runtime_testkit import runtime_bundle
@@ -158,3 +159,19 @@ def test_compare_two_requests_at_concurrency_one(bundle, tmp_path):
     assert json.loads(json.dumps(result))["schema"] == "cxrlite-server-compare/1"
     logs = [(tmp_path / f"{n}.log").read_text() for n in ("cxrlite", "llama_cpp")]
     assert all(log.count("\n=== ") == 1 for log in logs)  # each started once, one after the other
+
+
+def test_distinct_images_differ_in_one_pixel_each():
+    import io
+
+    from PIL import Image
+
+    from cxrlite.bench.loadtest import image_variant
+    from cxrlite.imaging.write import png_bytes
+
+    original = (np.random.default_rng(0).random((24, 32)) * 255).astype(np.uint8)
+    variants = [image_variant(png_bytes(original), i) for i in range(1, 40)]
+    assert len(set(variants)) == len(variants)  # every request its own picture
+    for data in variants:
+        pixels = np.asarray(Image.open(io.BytesIO(data)))
+        assert pixels.shape == original.shape and (pixels != original).sum() == 1
