@@ -12,7 +12,7 @@ LOCK := constraints.txt
 # torch first, pinned: the local CPU wheel. An unpinned torch would pull GBs of CUDA packages.
 install:
 	$(PIP) install -q -c $(LOCK) torch==2.13.0
-	$(PIP) install -q -c $(LOCK) -e ".[dev]"
+	$(PIP) install -q -c $(LOCK) -e ".[dev,pacs]"
 	PYTHON=$(PYTHON) CONSTRAINTS=$(LOCK) bash scripts/install_gptq.sh
 
 demo: install

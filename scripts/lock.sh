@@ -10,7 +10,7 @@ trap 'rm -rf "$venv"' EXIT
 $PYTHON -m venv "$venv"
 "$venv/bin/python" -m pip install -q -U pip
 "$venv/bin/python" -m pip install -q torch==2.13.0
-"$venv/bin/python" -m pip install -q -e ".[dev]"
+"$venv/bin/python" -m pip install -q -e ".[dev,pacs]"
 PYTHON="$venv/bin/python" CONSTRAINTS=/dev/null bash scripts/install_gptq.sh
 {
     sed -n '/^#/p' constraints.txt
