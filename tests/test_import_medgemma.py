@@ -201,3 +201,16 @@ def test_bad_input_is_one_line_and_leaves_nothing(published, tmp_path, defect, m
     assert result.output.strip().splitlines()[-1].startswith("Error: ")  # the licence warns first
     assert not (tmp_path / "out").exists() and not (tmp_path / "out-checkpoint").exists()
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_an_image_is_decoded_whole_never_resumed_part_way(imported):
+    from cxrlite.runtime.llamacpp import LlamaCppError, _image_boundary, _Piece
+
+    pieces = [_Piece([1, 2], None, [1, 2]), _Piece(None, np.zeros((4, 2)), list("abcd"))]
+    assert [_image_boundary(pieces, n) for n in range(7)] == [0, 1, 2, 2, 2, 2, 6]
+    gguf = imported.variant_file("llm", "gguf-f16")
+    with LlamaCppLLM(gguf, n_ctx=64, n_batch=8, n_threads=1) as runner:
+        image = np.zeros((TOKENS_PER_IMAGE, runner.n_embd), np.float32)
+        with pytest.raises(LlamaCppError, match="must be decoded in one batch"):
+            runner.eval([[2], image])
+        assert runner.n_past == 0  # refused before anything was decoded
