@@ -86,8 +86,9 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-def phantom_dicom(seed: int, patient_name: str | None = None, size: int = 64) -> bytes:
-    """A phantom as DICOM; `patient_name` replaces the placeholder name (PHI tests)."""
+def phantom_dicom(seed: int, patient_name: str | None = None, size: int = 256) -> bytes:
+    """A phantom as DICOM; `patient_name` replaces the placeholder name (PHI tests). 256 px:
+    the chest check's smallest side (cxrlite.pacs.chest.MIN_SIDE)."""
     import io
 
     import pydicom

@@ -138,10 +138,15 @@ def write_dicom(path: str | os.PathLike, pixels: np.ndarray, **options: Any) -> 
 
 def image_to_dicom(image: str | os.PathLike, out: str | os.PathLike, monochrome1: bool) -> Path:
     """Wrap a PNG/JPEG (e.g. a phantom) into a 12-bit DX DICOM with synthetic identifiers,
-    MONOCHROME1 (stored inverted, as some CR systems do) when asked."""
+    MONOCHROME1 (stored inverted, as some CR systems do) when asked. A small image is enlarged
+    by a whole factor (each pixel repeated) to the chest check's smallest side, 256 px."""
     from cxrlite.imaging.decode import load_image
+    from cxrlite.pacs.chest import MIN_SIDE
 
     pixels = np.round(load_image(image).pixels * 4095).astype(np.uint16)
+    factor = -(-MIN_SIDE // min(pixels.shape))  # ceil
+    if factor > 1:
+        pixels = np.kron(pixels, np.ones((factor, factor), np.uint16))
     if monochrome1:
         pixels = 4095 - pixels
     return write_dicom(

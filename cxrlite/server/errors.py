@@ -75,7 +75,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         404: "Unknown model",
         413: "Request body or image too large",
         415: "Not a DICOM, PNG or JPEG image",
-        422: "An image without usable pixels",
+        422: "An image without usable pixels, or a DICOM that is not a chest radiograph",
         503: "Queue full, model loading or shutting down (see Retry-After)",
         504: "The request timed out (its generation was cancelled)",
     }.items()

@@ -1,22 +1,27 @@
 """The radiology route: `POST /v1/reports` takes one radiograph (multipart `file`: DICOM, PNG or
 JPEG) and answers its draft report (findings, impression, CheXpert labels) with usage and
-timings. The report runs as one job on the LLM worker, cancelled between any two tokens."""
+timings. The report runs as one job on the LLM worker, cancelled between any two tokens. A DICOM
+that is not a chest radiograph (cxrlite.pacs.chest) is refused with 422 not_chest_radiograph,
+its reason in the message, unless the form field allow_non_chest is true."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 
+from cxrlite.pacs.chest import check_chest_radiograph
 from cxrlite.runtime.generation import ms
 from cxrlite.server.errors import ERROR_RESPONSES, APIError
 from cxrlite.server.pipeline import deadline_of, encode_image, in_image_pool, run_job
 from cxrlite.server.scheduler import Job
 
 router = APIRouter()
+HTTP_OVERRIDE = "send the form field allow_non_chest=true to report anyway"
 
 
 def report_job(runtime: Any, embedded: Any, max_tokens: int) -> Job:
@@ -42,6 +47,9 @@ async def reports(
     request: Request,
     file: Annotated[UploadFile, File(description="A DICOM, PNG or JPEG radiograph.")],
     max_tokens: Annotated[int | None, Form(gt=0)] = None,
+    allow_non_chest: Annotated[
+        bool, Form(description="Report a DICOM that the chest-radiograph check refuses.")
+    ] = False,
 ) -> JSONResponse:
     state = request.app.state
     runtime = state.loader.ready()
@@ -52,6 +60,9 @@ async def reports(
         raw = await file.read()
         if not raw:
             raise APIError(400, "the uploaded file is empty", code="empty_file", param="file")
+        if not allow_non_chest:  # a refused DICOM: 422 not_chest_radiograph, with its reason
+            check = partial(check_chest_radiograph, label="upload", override=HTTP_OVERRIDE)
+            await in_image_pool(request, check, raw, deadline=deadline)
         embedded = await in_image_pool(
             request, encode_image, runtime, raw, settings.max_pixels, deadline=deadline
         )
