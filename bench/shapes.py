@@ -122,8 +122,13 @@ def shape_config(
     return cfg.replace(vision=vision, bridger=b, llm=llm)
 
 
+# Bumped when what a shape bundle holds changes, so an older cached build is not reused.
+SHAPE_FORMAT = 2
+
+
 def shape_key(cfg: ModelConfig, shape: str) -> str:
-    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+    data = {**cfg.to_dict(), "shape_format": SHAPE_FORMAT}
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
     return f"{SHAPES.get(shape, shape)}-{digest[:10]}"
 
 
@@ -159,12 +164,24 @@ def predicted_gguf_bytes(cfg: ModelConfig) -> int:
 
 
 def write_random_gguf(cfg: ModelConfig, tokenizer_dir: Path, out_path: Path, seed: int = 0) -> Path:
-    """A random-weight f16 GGUF (the family's architecture) of `cfg.llm`'s exact shape, streamed tensor by tensor."""
+    """A random-weight f16 GGUF (the family's architecture) of `cfg.llm`'s exact shape, streamed
+    tensor by tensor. The output rows of the padding past the tokenizer are zero, so the random
+    model writes the tokenizer's tokens (text both servers stream), not unused ids: the maximum
+    of a thousand random logits is far above zero."""
     from cxrlite.export.gguf import plan_tensors, read_vocab, write_gguf_tensors
 
     shapes = hf_llm_shapes(cfg)
-    plan = plan_tensors(cfg.llm, shapes, lambda name: random_tensor(name, shapes[name], seed))
     vocab = read_vocab(tokenizer_dir, cfg.llm.vocab_size)
+    real = sum(1 for t in vocab.tokens if not t.startswith("[PAD"))
+    output = "lm_head.weight" if "lm_head.weight" in shapes else "model.embed_tokens.weight"
+
+    def read(name: str) -> torch.Tensor:
+        tensor = random_tensor(name, shapes[name], seed)
+        if name == output:
+            tensor[real:] = 0
+        return tensor
+
+    plan = plan_tensors(cfg.llm, shapes, read)
     return write_gguf_tensors(cfg.llm, plan, vocab, out_path, "f16", name="cxrlite-random")
 
 

@@ -176,6 +176,14 @@ def test_shape_builder_reduced_size(tmp_path):
     with LlamaCppLLM(bundle.variant_file("llm", "gguf-q4_k_m"), n_ctx=64, n_threads=1) as llm:
         assert llm.n_vocab == 2048 and llm.n_embd == 128
         assert np.isfinite(llm.eval([[1, 5, 9]])).all()
+    from cxrlite.model.tokenizer import load_tokenizer
+
+    real = len(load_tokenizer(path / "tokenizer"))
+    with LlamaCppLLM(f16, n_ctx=64, n_threads=1, kv_type="f32", flash_attn=False) as llm:
+        logits = llm.eval([[1, 5, 9]], all_logits=True)
+    # the padding past the tokenizer is never written: the random model streams real text
+    assert real < 2048 and (np.abs(logits[:, real:]) < 1e-6).all()
+    assert (logits[:, :real].max(axis=1) > 0).all()
     again = build_shape_bundle(
         "1b", llm_variants=["gguf-q4_k_m", "gguf-q8_0"], vision_variants=["onnx-fp32"],
         cache_dir=tmp_path, **shape,
