@@ -31,6 +31,12 @@ class MmprojError(CxrliteError, RuntimeError):
     """The mmproj file could not be made; the message says which step failed."""
 
 
+def _rgb(value: float | list[float]) -> list[float]:
+    """A preprocessing mean or std (one value or one per channel) for three channels."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    return values * (3 // len(values))
+
+
 def _gemma3_folder(cfg: Any, state: dict[str, Any], out: Path) -> None:
     """MedGemma's layout of the vision part: config, preprocessor config, safetensors."""
     from safetensors.torch import save_file
@@ -53,8 +59,8 @@ def _gemma3_folder(cfg: Any, state: dict[str, Any], out: Path) -> None:
     write_json(out / "preprocessor_config.json", {
         "image_processor_type": "Gemma3ImageProcessor", "do_resize": True, "resample": 2,
         "size": {"height": v.image_size, "width": v.image_size}, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(pre["mean"]) * (3 // len(pre["mean"])),
-        "image_std": list(pre["std"]) * (3 // len(pre["std"])),
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": _rgb(pre["mean"]),
+        "image_std": _rgb(pre["std"]),
         "image_seq_length": cfg.bridger.tokens_per_image,
     })  # fmt: skip
     renamed = {}

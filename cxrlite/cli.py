@@ -38,6 +38,7 @@ _COMMANDS = {
     "eval": ("cxrlite.commands.eval", "eval_command", "CheXbench-style evaluation with bootstrap CIs and fairness, per bundle variant."),
     "report": ("cxrlite.commands.report", "report", "Draft reports (findings, impression, labels) for DICOM/PNG/JPEG files or folders."),
     "serve": ("cxrlite.commands.serve", "serve", "Serve a bundle: OpenAI-compatible API, /v1/reports, /health, /metrics, a web page."),
+    "dicom": ("cxrlite.commands.dicom", "dicom", "DICOM helpers: C-ECHO a PACS or DICOMweb destination, send it files."),
     "bench": ("cxrlite.commands.bench", "bench", "Latency per phase and backend (default), servers under load, soak, micro-benchmarks."),
     "doctor": ("cxrlite.commands.doctor", "doctor", "What this machine can run, and what is missing for which feature."),
 }

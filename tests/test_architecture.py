@@ -22,7 +22,7 @@ PACKAGE_DIRS = {
     "quantize": "cxrlite.quantize",
     "bench": "cxrlite.bench",
 }
-DEPLOY_SIDE = ("cxrlite.runtime", "cxrlite.server")
+DEPLOY_SIDE = ("cxrlite.runtime", "cxrlite.server", "cxrlite.pacs")
 BUILD_SIDE = (
     "cxrlite.export",
     "cxrlite.quantize",

@@ -1,7 +1,7 @@
 """`cxrlite bench`: the benchmarks, one subcommand per tool.
 
     cxrlite bench BUNDLE [options]           # = cxrlite bench latency BUNDLE: per-phase latency
-    cxrlite bench compare|soak|load|llama|bandwidth|vision|labeler ...
+    cxrlite bench compare|soak|load|llama|bandwidth|vision|labeler|dicom ...
 
 A first argument that is not a subcommand's name goes to `latency`, so `cxrlite bench BUNDLE`
 (and `cxrlite bench --shape 1b`) work as they always did. A bundle folder named like a
@@ -72,6 +72,11 @@ TOOLS = {
         "cxrlite.bench.labeler_speed",
         "labeler_command",
         "Report labeler speed on one core (reports a second).",
+    ),
+    "dicom": (
+        "cxrlite.bench.dicom_latency",
+        "dicom_command",
+        "Studies over DICOM to cxrlite: receipt-to-SR latency, throughput.",
     ),
 }
 

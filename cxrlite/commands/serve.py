@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from cxrlite.commands import RuntimeOptions, with_runtime_options
+from cxrlite.commands.dicom import dicom_settings, with_dicom_options
 from cxrlite.errors import CxrliteError
 from cxrlite.server.settings import ServerSettings
 
@@ -158,21 +159,24 @@ def warn_about(host: str, settings: ServerSettings) -> None:
     default=None,
     help="Image embeddings kept in memory (0 disables the cache; default: the runtime's).",
 )
+@with_dicom_options
 def serve(
     bundle_dir: Path,
     host: str,
     port: int,
     runtime_options: RuntimeOptions,
     cache_size: int | None,
+    dicom: dict[str, Any],
     **settings: Any,
 ) -> None:
     """Serve BUNDLE over HTTP: /v1/chat/completions (OpenAI-compatible, streaming),
     /v1/models, /v1/reports (DICOM/PNG/JPEG upload -> findings, impression, labels), /health,
     /metrics (Prometheus) and a page at /. The model loads and warms up in the background;
-    /health answers 503 until it is ready, and a model that fails to load ends the command."""
+    /health answers 503 until it is ready, and a model that fails to load ends the command.
+    With --dicom-port, also a DICOM listener: studies in, draft reports (DICOM SR) out."""
     from cxrlite.server import create_app
 
-    server_settings = ServerSettings(**settings)
+    server_settings = ServerSettings(**settings, dicom=dicom_settings(dicom, host))
     cache = {} if cache_size is None else {"cache_size": cache_size}
     factory = functools.partial(runtime_options.open, bundle_dir, warmup=True, **cache)
     warn_about(host, server_settings)
@@ -180,6 +184,12 @@ def serve(
     server_logger = logging.getLogger("cxrlite.server")
     if server_logger.getEffectiveLevel() > logging.INFO:
         server_logger.setLevel(logging.INFO)
+    if server_settings.dicom is not None:  # studies received, reported, delivered (no PHI)
+        pacs_logger = logging.getLogger("cxrlite.pacs")
+        pacs_logger.setLevel(min(pacs_logger.getEffectiveLevel(), logging.INFO))
+        d = server_settings.dicom
+        click.echo(f"cxrlite serve: DICOM AE {d.ae_title} on {d.host}:{d.port}, spool {d.spool_dir}",
+                   err=True)  # fmt: skip
     click.echo(f"cxrlite serve: http://{host}:{port}/ (model loading; /health says when ready)",
                err=True)  # fmt: skip
     failure = run_server(functools.partial(create_app, factory, server_settings), host, port)

@@ -7,6 +7,7 @@
 - destinations.py  `dimse://AET@HOST:PORT` (C-STORE) and `dicomweb+http(s)://...` (STOW-RS)
 - service.py       the spool -> report -> outbox -> destination pipeline and its threads
 - metrics.py       the DICOM Prometheus metrics, on the server's registry
+- serving.py       the service inside `cxrlite serve`: its reports as jobs on the LLM queue
 - chest.py         is this instance a chest radiograph? (pydicom only: `cxrlite report` and
                    /v1/reports refuse others without the extra); its refusal reasons
 - sr.py            the draft report as a Comprehensive SR in the source study (highdicom)

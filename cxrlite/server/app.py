@@ -5,7 +5,8 @@
 
 Everything a route needs is on `app.state`: `settings` (ServerSettings), `metrics`
 (ServerMetrics), `loader` (RuntimeLoader: the runtime once ready), `scheduler` (the queue in
-front of the one LLM worker) and `image_pool` (the threads that decode and encode images).
+front of the one LLM worker), `image_pool` (the threads that decode and encode images) and
+`dicom` (the DICOM listener of `--dicom-port`, cxrlite.pacs, or None).
 Logs carry the request id, route, status, timings and token counts only; `log_phi` adds
 prompts and answers.
 """
@@ -36,8 +37,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.scheduler.start()
     state.loader.start()
     try:
+        if state.dicom is not None:
+            state.dicom.start()  # after the scheduler: its reports are jobs on the LLM worker
         yield
     finally:
+        if state.dicom is not None:
+            state.dicom.stop()
         state.scheduler.stop()
         state.image_pool.shutdown(wait=False, cancel_futures=True)
         state.loader.close()
@@ -64,6 +69,11 @@ def create_app(
     app.state.settings, app.state.metrics, app.state.scheduler = settings, metrics, scheduler
     app.state.loader = RuntimeLoader(runtime, settings, metrics, on_load_error)
     app.state.image_pool = ThreadPoolExecutor(settings.image_workers, "cxrlite-image")
+    app.state.dicom = None
+    if settings.dicom is not None:  # `--dicom-port`: PACS in, SR out (cxrlite.pacs.serving)
+        from cxrlite.pacs.serving import attach_dicom
+
+        attach_dicom(app)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, settings=settings, metrics=metrics)

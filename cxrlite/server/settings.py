@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from cxrlite.imaging.decode import DEFAULT_MAX_PIXELS
 
@@ -23,6 +24,7 @@ class ServerSettings:
     image_workers: int = 2
     retry_after_s: int = 2
     report_max_tokens: int = 128
+    dicom: Any = None  # cxrlite.pacs.service.DicomSettings: the DICOM listener (--dicom-port)
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_tokens_cap", "image_workers", "report_max_tokens"):
