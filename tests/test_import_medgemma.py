@@ -214,3 +214,15 @@ def test_an_image_is_decoded_whole_never_resumed_part_way(imported):
         with pytest.raises(LlamaCppError, match="must be decoded in one batch"):
             runner.eval([[2], image])
         assert runner.n_past == 0  # refused before anything was decoded
+
+
+def test_greedy_generation_matches_transformers(reference, imported):
+    """CXRVLM.generate (its own loop: transformers' generate cannot take Gemma 3's image masks)
+    writes what Gemma3ForConditionalGeneration.generate writes, greedy."""
+    model, _ = reference
+    inputs = processor_inputs(reference, gray_levels())
+    ours, _, _ = load_checkpoint(imported.path.with_name("bundle-checkpoint"))
+    with torch.no_grad():
+        want = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, -6:].tolist()
+    got = ours.generate(inputs["input_ids"], pixels=inputs["pixel_values"], max_new_tokens=6)
+    assert got[0].tolist() == want
