@@ -192,12 +192,12 @@ def write_bundle(
     cfg: Any,
     *,
     out: Path,
-    checkpoint_out: Path,
+    checkpoint_out: str | os.PathLike | None,
     record: dict[str, Any],
     overwrite: bool = False,
 ) -> Bundle:
-    """The converted weights as a cxrlite checkpoint at `checkpoint_out` (the PyTorch reference
-    that eval, the quality gate and GPTQ need), then a bundle at `out` exported from it: ONNX
+    """The converted weights as a cxrlite checkpoint at `checkpoint_out` (None: `<out>-checkpoint`;
+    the PyTorch reference that eval, the quality gate and GPTQ need), then a bundle at `out` exported from it: ONNX
     vision tower, GGUF f16 LLM, parity figures, and `record` as its provenance. On any failure
     neither is left behind (unless the checkpoint was there before). `state` is emptied once
     saved, so its tensors (a 7B LLM's) are not held while the export loads the checkpoint again."""
@@ -205,6 +205,7 @@ def write_bundle(
     from cxrlite.export.gguf_builder import gguf_builder
     from cxrlite.model.checkpoint import save_state
 
+    checkpoint_out = Path(checkpoint_out) if checkpoint_out else default_checkpoint_out(out)
     existed = checkpoint_out.exists()
     save_state(state, tokenizer, cfg, checkpoint_out)
     state.clear()  # the caller's dict too: the one reference to the converted tensors

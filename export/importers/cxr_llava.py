@@ -50,7 +50,6 @@ from cxrlite.export.importers.common import (
     License,
     PublishedModelError,
     check_shapes,
-    default_checkpoint_out,
     expect,
     expected_shapes,
     folder_hashes,
@@ -330,6 +329,6 @@ def import_cxr_llava(
     record["task"] = "radiologic report of a chest radiograph (write_radiologic_report)"
     return write_bundle(
         state, tokenizer, cfg, out=out,
-        checkpoint_out=Path(checkpoint_out) if checkpoint_out else default_checkpoint_out(out),
+        checkpoint_out=checkpoint_out,
         record=record, overwrite=overwrite,
     )  # fmt: skip

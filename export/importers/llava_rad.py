@@ -32,7 +32,6 @@ from cxrlite.export.importers.common import (
     License,
     PublishedModelError,
     check_shapes,
-    default_checkpoint_out,
     expect,
     expected_shapes,
     folder_hashes,
@@ -247,7 +246,7 @@ def import_llava_rad(
         _tokenizer(base, cfg),
         cfg,
         out=out,
-        checkpoint_out=Path(checkpoint_out) if checkpoint_out else default_checkpoint_out(out),
+        checkpoint_out=checkpoint_out,
         record=record,
         overwrite=overwrite,
     )

@@ -30,7 +30,6 @@ from cxrlite.export.importers.common import (
     License,
     PublishedModelError,
     check_shapes,
-    default_checkpoint_out,
     expect,
     expected_shapes,
     folder_hashes,
@@ -222,6 +221,6 @@ def import_maira2(
     record["task"] = "findings of a frontal image (no prior, lateral or grounding)"
     return write_bundle(
         state, tokenizer, cfg, out=out,
-        checkpoint_out=Path(checkpoint_out) if checkpoint_out else default_checkpoint_out(out),
+        checkpoint_out=checkpoint_out,
         record=record, overwrite=overwrite,
     )  # fmt: skip

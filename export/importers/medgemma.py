@@ -34,7 +34,6 @@ from cxrlite.export.importers.common import (
     License,
     PublishedModelError,
     check_shapes,
-    default_checkpoint_out,
     expect,
     expected_shapes,
     folder_hashes,
@@ -246,6 +245,6 @@ def import_medgemma(
     record["task"] = "a report of a chest X-ray as the model writes it (findings)"
     return write_bundle(
         state, tokenizer, cfg, out=out,
-        checkpoint_out=Path(checkpoint_out) if checkpoint_out else default_checkpoint_out(out),
+        checkpoint_out=checkpoint_out,
         record=record, overwrite=overwrite,
     )  # fmt: skip
