@@ -217,6 +217,22 @@ def _check_memory(report: DoctorReport) -> None:
     )
 
 
+def _check_parallelism(report: DoctorReport) -> None:
+    """The threads and slots a runtime picks here when not told (cxrlite.runtime.plan)."""
+    try:
+        from cxrlite.runtime.plan import plan_slots, plan_threads, probe_hardware
+
+        hw = probe_hardware()
+    except Exception as e:  # noqa: BLE001 - reported, like every probe
+        report.add("threads and slots", False, f"{type(e).__name__}: {e}"[:200], "serving")
+        return
+    gpu = hw.cuda and hw.llama_gpu_offload
+    threads, threads_why = plan_threads(hw, None)
+    slots, slots_why = plan_slots(hw, None, gpu=gpu, batching=True)
+    report.add("threads", True, f"{threads}: {threads_why} (--threads)", "CPU serving")
+    report.add("slots", True, f"{slots}: {slots_why} (--parallel)", "serving under load")
+
+
 def run_doctor() -> DoctorReport:
     report = DoctorReport()
     report.add("python", True, platform.python_version(), "everything")
@@ -225,5 +241,6 @@ def run_doctor() -> DoctorReport:
     _check_onnxruntime(report)
     _check_tensorrt(report)
     _check_llama_cpp(report)
+    _check_parallelism(report)
     _check_optional(report)
     return report

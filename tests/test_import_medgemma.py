@@ -204,10 +204,11 @@ def test_bad_input_is_one_line_and_leaves_nothing(published, tmp_path, defect, m
 
 
 def test_an_image_is_decoded_whole_never_resumed_part_way(imported):
-    from cxrlite.runtime.llamacpp import LlamaCppError, _image_boundary, _Piece
+    from cxrlite.runtime.llamacpp import LlamaCppError
+    from cxrlite.runtime.positions import Piece, image_boundary
 
-    pieces = [_Piece([1, 2], None, [1, 2]), _Piece(None, np.zeros((4, 2)), list("abcd"))]
-    assert [_image_boundary(pieces, n) for n in range(7)] == [0, 1, 2, 2, 2, 2, 6]
+    pieces = [Piece([1, 2], None, [1, 2]), Piece(None, np.zeros((4, 2)), list("abcd"))]
+    assert [image_boundary(pieces, n) for n in range(7)] == [0, 1, 2, 2, 2, 2, 6]
     gguf = imported.variant_file("llm", "gguf-f16")
     with LlamaCppLLM(gguf, n_ctx=64, n_batch=8, n_threads=1) as runner:
         image = np.zeros((TOKENS_PER_IMAGE, runner.n_embd), np.float32)

@@ -12,7 +12,8 @@ from runtime_testkit import random_pixels
 
 from cxrlite.data.prompts import FINDINGS_PROMPT
 from cxrlite.runtime import Runtime, TorchLLMBackend
-from cxrlite.runtime.llamacpp import LlamaCppError, SequenceStates
+from cxrlite.runtime.llamacpp import LlamaCppError
+from cxrlite.runtime.positions import SequenceStates
 
 QUESTION = "Is there a pleural effusion?"
 TOKENS = 12  # generated per request: enough for a varied text, short enough to stay cheap
@@ -142,7 +143,7 @@ def test_a_failed_decode_forgets_the_sequence(rt, monkeypatch):
     # The question's suffix (the text after the shared prefix) decodes, then a step fails.
     with pytest.raises(LlamaCppError, match="llama_decode failed with status 1"):
         rt.complete(QUESTION, pixels, max_tokens=TOKENS)
-    assert len(calls) == 2 and llm.n_past == 0 and llm._keys == []
+    assert len(calls) == 2 and llm.n_past == 0 and llm.position_keys() == []
     monkeypatch.setattr(llama_cpp, "llama_decode", decode)
     llm.states.clear()  # else the saved prompt state would (correctly) be restored
     after = rt.complete(FINDINGS_PROMPT, pixels, max_tokens=TOKENS)

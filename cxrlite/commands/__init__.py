@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from cxrlite.runtime.plan import DEFAULT_SLOTS_CPU, DEFAULT_SLOTS_GPU
+
 if TYPE_CHECKING:
     from cxrlite.runtime import Runtime
 
@@ -25,6 +27,7 @@ class RuntimeOptions:
     llm_variant: str | None
     n_gpu_layers: int | None
     threads: int | None
+    slots: int | None
     checkpoint: Path | None
 
     def open(self, bundle_dir: Path, **kwargs: Any) -> Runtime:
@@ -61,7 +64,21 @@ _RUNTIME_OPTIONS = [
         default=None,
         help="LLM layers on the GPU (llama.cpp); default all when a GPU is usable.",
     ),
-    click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads."),
+    click.option(
+        "--threads",
+        type=click.IntRange(1),
+        default=None,
+        help="CPU threads of the LLM and the vision tower; default: all cores but one "
+        "(`cxrlite doctor` shows the choice and why).",
+    ),
+    click.option(
+        "--parallel",
+        "slots",
+        type=click.IntRange(1, 64),
+        default=None,
+        help="Sequences the LLM decodes together (llama.cpp; continuous batching); default: "
+        f"{DEFAULT_SLOTS_CPU} on a CPU, {DEFAULT_SLOTS_GPU} on a GPU.",
+    ),
     click.option(
         "--checkpoint",
         type=click.Path(exists=True, file_okay=False, path_type=Path),

@@ -9,12 +9,12 @@ Prompts are encoded with the bundle's own tokenizer (`format_prompt` + `encode(.
 add_special_tokens=False)`) and split at the single image token, whose place the image
 embeddings take: llama.cpp never tokenizes a prompt (it spaces special tokens differently).
 
-Threads. Image decoding, preprocessing and the vision tower run in the caller's thread (the
-vision backend under its own lock), so a request's image work overlaps another's decoding. The
-LLM has one KV cache: one generation at a time holds the LLM lock from prefill to its last token
-(`Generation` docs). A server runs generations from one worker fed by a bounded queue; a thread
-that starts a second generation while its first is unfinished gets a RuntimeError rather than a
-deadlock.
+Threads. Image decoding and preprocessing run in the caller's thread; the vision tower encodes
+the images of every caller waiting for it as one batch (`VisionBatcher`), so a request's image
+work overlaps others' decoding. The LLM belongs to the decode engine's thread
+(cxrlite.runtime.batching): every generation and scoring request is a sequence there, decoded
+together with the others in its `slots`. A thread runs one generation at a time: one that starts
+a second while its first is unfinished gets a RuntimeError rather than a deadlock.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from cxrlite.device import resolve_device
 from cxrlite.imaging.decode import DecodedImage, load_image
 from cxrlite.imaging.errors import ImageError
 from cxrlite.imaging.preprocess import preprocess
+from cxrlite.runtime.batching import DecodeEngine, SequenceRequest
 from cxrlite.runtime.cache import DEFAULT_MAX_BYTES, EmbeddingCache, bytes_key, pixels_key
 from cxrlite.runtime.generation import Completion, Generation, ms
 from cxrlite.runtime.llm import LLMBackend, open_llm
@@ -43,12 +45,15 @@ from cxrlite.runtime.plan import (
     BackendError,
     Choice,
     plan_llm,
+    plan_slots,
+    plan_threads,
     plan_vision,
     probe_hardware,
     reference_checkpoint,
 )
 from cxrlite.runtime.sampling import SamplingParams
 from cxrlite.runtime.vision import VisionBackend, open_vision
+from cxrlite.runtime.vision_batch import DEFAULT_MAX_BATCH, VisionBatcher
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +99,11 @@ class Runtime:
         self.stop_ids = {
             t for t in (tokenizer.eos_token_id, self.config.llm.eos_token_id) if t is not None
         }
-        self._llm_lock, self._llm_owner = threading.Lock(), None
-        self._vision_lock = threading.Lock()
+        self._open_threads: set[int] = set()  # threads with an unfinished generation
+        self._open_lock = threading.Lock()
+        self.vision_batcher = VisionBatcher(self._encode_batch, _max_vision_batch(vision))
+        self.engine = DecodeEngine(llm)
+        self.parallelism: dict[str, Any] = {}  # threads and slots, and why (from_bundle)
 
     # --- construction ----------------------------------------------------------------------
 
@@ -120,6 +128,7 @@ class Runtime:
         verify: bool | str = True,
         prefix_cache: bool = True,
         device: str | None = None,
+        slots: int | None = 1,
     ) -> Runtime:
         """Open a bundle with backends chosen from its defaults and this machine (see
         cxrlite.runtime.plan), each overridable. `n_gpu_layers` None offloads every layer when
@@ -128,7 +137,9 @@ class Runtime:
         `prefix_cache` keeps the KV cache of a prompt prefix shared with the previous generation
         (llama.cpp backends; outputs are the same either way, only prefill gets shorter).
         `device` is where the PyTorch backends (torch reference, GPTQ) run: None picks CUDA when
-        present (cxrlite.device.resolve_device)."""
+        present (cxrlite.device.resolve_device). `slots`: sequences the llama.cpp backend decodes
+        together (continuous batching; the PyTorch backends have one); None chooses from the
+        machine, as `threads` None does (cxrlite.runtime.plan.plan_slots, plan_threads)."""
         from cxrlite.model.tokenizer import load_tokenizer
 
         bundle = load_bundle(bundle_dir, verify=verify)
@@ -158,6 +169,10 @@ class Runtime:
             )
         if n_gpu_layers is None:
             n_gpu_layers = -1 if hw.cuda and hw.llama_gpu_offload else 0
+        threads, threads_why = plan_threads(hw, threads)
+        slots, slots_why = plan_slots(
+            hw, slots, gpu=n_gpu_layers != 0, batching=l_choice.backend == "llama.cpp"
+        )
         cfg = bundle.config
         vision = open_vision(bundle, v_choice, threads=threads, tower=reference)
         llm = open_llm(
@@ -170,6 +185,7 @@ class Runtime:
             flash_attn=flash_attn,
             reference_llm=getattr(reference, "llm", None),
             device=torch_device,
+            slots=slots,
         )
         runtime = cls(
             bundle,
@@ -180,10 +196,16 @@ class Runtime:
             choices={"vision": v_choice, "llm": l_choice},
             prefix_cache=prefix_cache,
         )
+        runtime.parallelism = {
+            "threads": {"value": threads, "reason": threads_why},
+            "slots": {"value": llm.slots, "reason": slots_why},
+        }
         logger.info(
             "runtime: vision %s on %s (%s), llm %s on %s (%s)",
             vision.name, vision.device, v_choice.reason, llm.name, llm.device, l_choice.reason,
         )  # fmt: skip
+        logger.info("runtime: %d threads (%s); %d slots (%s)", threads, threads_why, llm.slots,
+                    slots_why)  # fmt: skip
         if warmup:
             runtime.warmup()
         return runtime
@@ -199,8 +221,8 @@ class Runtime:
         return result.timings
 
     def close(self) -> None:
-        with self._llm_session():
-            self.llm.close()
+        self.engine.close()
+        self.llm.close()
 
     def __enter__(self) -> Runtime:
         return self
@@ -220,6 +242,8 @@ class Runtime:
             "devices": {"vision": self.vision.device, "llm": self.llm.device},
             "reasons": {k: c.reason for k, c in self.choices.items()},
             "n_ctx": self.llm.n_ctx,
+            "slots": self.llm.slots,
+            "parallelism": self.parallelism,
             "n_image_tokens": self.config.n_image_tokens,
             "cache": self.cache.stats(),
         }
@@ -274,14 +298,10 @@ class Runtime:
         embeds = self.cache.get(key) if use_cache else None
         hit = embeds is not None
         if embeds is None:
-            with self._vision_lock:
-                # Another thread may have encoded the same study while this one waited.
-                embeds = self.cache.peek(key) if use_cache else None
-                hit = embeds is not None
-                if embeds is None:
-                    embeds = self._encode(pixels)
-                    if use_cache:
-                        embeds = self.cache.put(key, embeds)
+            # encoded with the other images waiting; the same study asked twice, once
+            embeds = self.vision_batcher.encode(pixels, key)
+            if use_cache:
+                embeds = self.cache.put(key, embeds)
         if use_cache and file_key is not None:
             self.cache.add_alias(file_key, key)
         return ImageEmbeddings(
@@ -300,14 +320,14 @@ class Runtime:
             return None
         return ImageEmbeddings(found[1], True, ms(time.perf_counter() - t0), 0.0)
 
-    def _encode(self, pixels: np.ndarray) -> np.ndarray:
-        out = self.vision.encode(pixels[None])
-        want = (1, self.config.n_image_tokens, self.config.llm.hidden_size)
+    def _encode_batch(self, pixels: np.ndarray) -> np.ndarray:
+        out = self.vision.encode(pixels)
+        want = (len(pixels), self.config.n_image_tokens, self.config.llm.hidden_size)
         if out.shape != want:
             raise BackendError(
                 f"vision backend {self.vision.name} returned {out.shape}, not {want}"
             )
-        return out[0]
+        return out
 
     # --- prompts ----------------------------------------------------------------------------
 
@@ -340,17 +360,19 @@ class Runtime:
 
     @contextlib.contextmanager
     def _llm_session(self) -> Iterator[None]:
+        """One open generation per thread: a second would wait for a slot its own first holds."""
         me = threading.get_ident()
-        if self._llm_owner == me:
-            raise RuntimeError(
-                "this thread's previous generation is unfinished: consume or close() it first"
-            )
-        with self._llm_lock:
-            self._llm_owner = me
-            try:
-                yield
-            finally:
-                self._llm_owner = None
+        with self._open_lock:
+            if me in self._open_threads:
+                raise RuntimeError(
+                    "this thread's previous generation is unfinished: consume or close() it first"
+                )
+            self._open_threads.add(me)
+        try:
+            yield
+        finally:
+            with self._open_lock:
+                self._open_threads.discard(me)
 
     def generate(
         self,
@@ -394,18 +416,22 @@ class Runtime:
             raise ValueError(
                 f"the prompt takes {n_prompt} positions; the context has {self.llm.n_ctx}"
             )
+        pieces, total = self.llm.parse(self.segments(ids, embeds))
+        request = SequenceRequest(
+            pieces,
+            total,
+            sampling=params,
+            stop_ids=frozenset(self.stop_ids | set(params.stop_token_ids)),
+            prefix_cache=self.prefix_cache if prefix_cache is None else prefix_cache,
+        )
         return Generation(
-            backend=self.llm,
+            engine=self.engine,
+            request=request,
             tokenizer=self.tokenizer,
-            segments=self.segments(ids, embeds),
-            n_prompt=n_prompt,
-            params=params,
-            stop_ids=self.stop_ids | set(params.stop_token_ids),
             session=self._llm_session,
             started=started,
             timings=timings,
             cache_hit=cache_hit,
-            prefix_cache=self.prefix_cache if prefix_cache is None else prefix_cache,
             cancelled=cancelled,
         )
 
@@ -413,6 +439,15 @@ class Runtime:
         """`generate` run to the end: text, token ids, finish reason, timings, usage."""
         with self.generate(prompt, image, **kwargs) as generation:
             return generation.collect()
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        """`fn(item)` for each item, up to `slots` at once (their sequences decoded together by
+        the engine), results in the items' order: a folder of studies, an evaluation set."""
+        if self.llm.slots == 1:
+            yield from map(fn, items)
+            return
+        with ThreadPoolExecutor(self.llm.slots, thread_name_prefix="cxrlite-map") as pool:
+            yield from pool.map(fn, items)
 
     def report(
         self, image: Image, *, max_tokens: int = 128, cancelled: threading.Event | None = None
@@ -432,22 +467,35 @@ class Runtime:
         from cxrlite.model.tokenizer import encode_answer
 
         embeds = self.image_embeddings(image).embeds if image is not None else None
-        prompt_ids = self.prompt_ids(prompt, with_image=embeds is not None)
-        scores = []
+        segments = self.segments(self.prompt_ids(prompt, with_image=embeds is not None), embeds)
+        # One after the other: each finds the prompt's KV cache the previous one left in its
+        # slot, so the prompt is decoded once and each option costs its own tokens only.
+        return [
+            float(self.score(segments, encode_answer(self.tokenizer, option)).sum())
+            for option in options
+        ]
+
+    def score(self, segments: Sequence[Any], answer_ids: Sequence[int]) -> np.ndarray:
+        """Each answer token's log-probability after the prompt `segments`."""
+        answer = [int(t) for t in answer_ids]
+        if not answer:
+            raise ValueError("score needs at least one answer token")
+        _, n_prompt = self.llm.parse(segments)
+        pieces, total = self.llm.parse([*segments, answer[:-1]] if len(answer) > 1 else segments)
+        if total > self.llm.n_ctx:
+            raise ValueError(f"{total} positions exceed the context of {self.llm.n_ctx}")
+        request = SequenceRequest(
+            pieces, total, answer_ids=answer, n_prompt=n_prompt, prefix_cache=self.prefix_cache
+        )
         with self._llm_session():
-            for option in options:
-                answer_ids = encode_answer(self.tokenizer, option)
-                logp = self.llm.score(self.segments(prompt_ids, embeds), answer_ids)
-                scores.append(float(logp.sum()))
-        return scores
+            return self.engine.submit(request).result()
 
     def text_logprobs(self, text: str) -> np.ndarray:
         """Log-probability of each token of `text` after BOS (text only), at most n_ctx."""
         ids = self.tokenizer.encode(text, add_special_tokens=False)[: self.llm.n_ctx - 1]
         if not ids:
             raise ValueError("text_logprobs needs non-empty text")
-        with self._llm_session():
-            return self.llm.score([[self.tokenizer.bos_token_id]], ids)
+        return self.score([[self.tokenizer.bos_token_id]], ids)
 
     def perplexity(self, texts: Sequence[str]) -> dict[str, float]:
         """Token-level perplexity pooled over texts: exp(-sum log p / n tokens)."""
@@ -459,6 +507,12 @@ class Runtime:
         if n == 0:
             raise ValueError("perplexity needs at least one non-empty text")
         return {"perplexity": float(np.exp(-total / n)), "n_tokens": n, "n_texts": len(texts)}
+
+
+def _max_vision_batch(vision: VisionBackend) -> int:
+    """Images one vision call may take: a TensorRT engine's profile bounds it."""
+    runner = getattr(vision, "runner", None)
+    return min(DEFAULT_MAX_BATCH, getattr(runner, "max_batch", DEFAULT_MAX_BATCH))
 
 
 def _load_reference(

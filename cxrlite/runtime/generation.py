@@ -1,9 +1,10 @@
 """One generation: prefill, then token by token, streamed as `TokenEvent`s, cancellable, timed.
 
-A `Generation` is an iterator. Its LLM work starts at the first `next()` and holds the runtime's
-LLM lock until the last token, so every Generation must be consumed to the end or closed
-(`with runtime.generate(...) as gen:` does it); a server that loses its client calls `close()`
-or `cancel()`. The final event has `token_id=None`, the `finish_reason`, and any text held
+A `Generation` is an iterator. Its sequence is submitted to the runtime's decode engine
+(cxrlite.runtime.batching) at the first `next()` and holds a slot there until the last token, so
+every Generation must be consumed to the end or closed (`with runtime.generate(...) as gen:`
+does it); a server that loses its client calls `close()` or `cancel()`. Detokenizing and stop
+strings happen here, in the consumer's thread; sampling, stop ids and `max_tokens` in the engine. The final event has `token_id=None`, the `finish_reason`, and any text held
 back for stop strings; `gen.result` (a `Completion`) is set before it is yielded.
 """
 
@@ -13,11 +14,12 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cxrlite.runtime.sampling import Sampler, SamplingParams, TextStream
+from cxrlite.runtime.batching import END, ERROR, DecodeEngine, SequenceRequest
+from cxrlite.runtime.sampling import TextStream
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -62,23 +64,18 @@ class Generation:
     def __init__(
         self,
         *,
-        backend: Any,
+        engine: DecodeEngine,
+        request: SequenceRequest,
         tokenizer: Any,
-        segments: Sequence[Any],
-        n_prompt: int,
-        params: SamplingParams,
-        stop_ids: set[int],
         session: Callable[[], contextlib.AbstractContextManager],
         started: float,
         timings: dict[str, float],
         cache_hit: bool | None,
-        prefix_cache: bool = False,
         cancelled: threading.Event | None = None,
     ) -> None:
-        self._backend, self._tokenizer, self._segments = backend, tokenizer, segments
-        self._prefix_cache = prefix_cache
-        self._params, self._stop_ids, self._session = params, stop_ids, session
-        self._started, self._cache_hit, self.n_prompt = started, cache_hit, n_prompt
+        self._engine, self._request, self._tokenizer = engine, request, tokenizer
+        self._session, self._started, self._cache_hit = session, started, cache_hit
+        self.n_prompt = request.total
         self.timings = dict(timings)
         # shared with the caller when given, so one event can stop a chain of generations
         self._cancelled = cancelled if cancelled is not None else threading.Event()
@@ -101,7 +98,7 @@ class Generation:
         self._cancelled.set()
 
     def close(self) -> None:
-        """Stop now and release the LLM (idempotent)."""
+        """Stop now and free the sequence's slot (idempotent)."""
         self._events.close()
 
     def collect(self) -> Completion:
@@ -110,9 +107,17 @@ class Generation:
         assert self.result is not None
         return self.result
 
-    def _finish(self, tokens: list[int], text: str, reason: str, first: float | None) -> None:
+    def _finish(self, tokens: list[int], text: str, reason: str, handle: Any) -> None:
         end = time.perf_counter()
         n = len(tokens)
+        first = handle.first_token_at if handle is not None else None
+        started = handle.started if handle is not None and handle.started else end
+        self.timings.update(
+            queue_ms=ms(started - handle.submitted) if handle is not None else 0.0,
+            prompt_cached_tokens=handle.cached_tokens if handle is not None else 0,
+        )
+        if first is not None:
+            self.timings.update(prefill_ms=ms(first - started), ttft_ms=ms(first - self._started))
         decode_s = end - first if first is not None else 0.0
         self.timings.update(
             decode_ms=ms(decode_s),
@@ -132,56 +137,44 @@ class Generation:
             },
         )
 
-    def _prefill(self) -> Any:
-        """The prompt's last logits; with the prefix cache on and a backend that can (llama.cpp),
-        the KV cache of the prompt prefix it already holds is kept and only the rest decoded."""
-        reuse = getattr(self._backend, "prefill_reusing", None)
-        if self._prefix_cache and reuse is not None:
-            logits, cached = reuse(self._segments)
-        else:
-            logits, cached = self._backend.prefill(self._segments), 0
-        self.timings["prompt_cached_tokens"] = cached
-        return logits
-
     def _run(self) -> Iterator[TokenEvent]:
-        backend, params = self._backend, self._params
+        params = self._request.sampling
         stream = TextStream(self._tokenizer, params.stop)
-        sampler = Sampler(params)
         tokens: list[int] = []
         reason: str | None = None  # None while running
-        first: float | None = None
         on_stop_string = False
-        waited = time.perf_counter()
+        handle = None
         try:
             with self._session():
-                begun = time.perf_counter()
-                self.timings["queue_ms"] = ms(begun - waited)
-                logits = None if self._cancelled.is_set() else self._prefill()
-                while logits is not None:
-                    token, logprob = sampler(logits)
-                    if first is None:
-                        first = time.perf_counter()
-                        self.timings["prefill_ms"] = ms(first - begun)
-                        self.timings["ttft_ms"] = ms(first - self._started)
-                    if token in self._stop_ids:
-                        reason = "stop"
+                handle = self._engine.submit(self._request, self._cancelled)
+                while reason is None:
+                    kind, value = handle.next_event()
+                    if kind == ERROR:
+                        raise value
+                    if kind == END:
+                        reason = value
                         break
+                    token, logprob = value
                     tokens.append(token)
                     piece, on_stop_string = stream.push(token)
                     if on_stop_string:
                         reason = "stop"
-                    elif len(tokens) >= params.max_tokens or backend.n_past >= backend.n_ctx:
-                        reason = "length"
+                        handle.cancel()  # the engine may be a token ahead: ends it there
                     yield TokenEvent(len(tokens) - 1, token, piece, _finite(logprob))
-                    if reason is not None or self._cancelled.is_set():
-                        break
-                    logits = backend.step(token)
+                    if reason is None and self._cancelled.is_set():
+                        reason = "cancelled"
+                        handle.cancel()
         except GeneratorExit:  # closed by the consumer: no final event can be yielded
-            self._finish(tokens, stream.released, "cancelled", first)
+            if handle is not None:
+                handle.cancel()
+            self._finish(tokens, stream.released, "cancelled", handle)
             raise
-        reason = reason or "cancelled"
+        except BaseException:
+            if handle is not None:
+                handle.cancel()
+            raise
         rest = "" if on_stop_string else stream.flush()
-        self._finish(tokens, stream.released, reason, first)
+        self._finish(tokens, stream.released, reason, handle)
         yield TokenEvent(len(tokens), None, rest, None, reason)
 
 

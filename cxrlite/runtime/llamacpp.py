@@ -1,24 +1,29 @@
-"""Run a llama GGUF through llama-cpp-python's low-level API, with token ids and embeddings.
+"""Run a GGUF through llama-cpp-python's low-level API, with token ids and embeddings, several
+sequences at once.
 
 The high-level `llama_cpp.Llama` class takes text or token ids only. Image embeddings have to enter
 as rows of `llama_batch.embd` (a batch made by `llama_batch_init(n, n_embd, 1)`), so this wraps
-the C API directly: one model, one context, one sequence, and a position counter. A prompt is a
-list of segments, each either token ids or a float32 [n, n_embd] array; segments are decoded in
-order into the same KV cache, which is how "<s>USER: <image x N>\\n question ASSISTANT:" is fed.
+the C API directly: one model, one context with `n_seq` sequences (slots), each with its own KV
+cells (`kv_unified` off: a sequence attends over its own cells only) and `n_ctx` positions. A
+prompt is a list of segments, each either token ids or a float32 [n, n_embd] array, decoded in
+order into a sequence's cache, which is how "<s>USER: <image x N>\\n question ASSISTANT:" is fed.
 Runtimes feed our own token ids: llama.cpp's tokenizer may split text around special tokens
 differently from ours.
 
-Prompt-prefix reuse (`eval_reusing`, what llama.cpp's server calls `cache_prompt`): the object
-remembers one key per decoded position (the token id, or the embedding array's digest and row),
-so a new prompt that starts like the current sequence (the same image and chat text, a follow-up
-turn) drops only the KV cache past the shared prefix and decodes the rest. Prefill dominates time
-to first token on a CPU, so a repeated image then costs a single position instead of ~90. With
-`state_cache_bytes`, copies of recent prompts' KV cache (`SequenceStates`, a bounded LRU) let
-two studies asked about in turn both reuse theirs, though the context holds one sequence.
+`decode(items)` appends positions to several sequences in one `llama_decode` (what continuous
+batching in cxrlite.runtime.batching is built on); `eval`, `eval_reusing` and `generate_greedy`
+run one sequence (seq 0 unless told) the simple way.
+
+Prompt-prefix reuse (`prepare`, `eval_reusing`, what llama.cpp's server calls `cache_prompt`): the
+object remembers one key per decoded position of each sequence (cxrlite.runtime.positions), so a
+new prompt that starts like a sequence (the same image and chat text, a follow-up turn) drops
+only the KV cache past the shared prefix and decodes the rest. With `state_cache_bytes`, copies of
+recent prompts' KV caches (`SequenceStates`, a bounded LRU shared by the sequences) let studies
+asked about in turn reuse theirs although a sequence holds one prompt at a time.
 
 Gemma 3 lets an image's tokens attend to each other both ways: for a GGUF of such a family
-(`LLM_FAMILIES`) an embedding segment is decoded with causal attention off and in one batch, as
-llama.cpp's own multimodal library (mtmd) decodes image embeddings.
+(`LLM_FAMILIES`) an embedding piece is decoded with causal attention off, whole and alone in its
+batch, as llama.cpp's own multimodal library (mtmd) decodes image embeddings.
 
 llama.cpp's log lines go to the `cxrlite.llama_cpp` logger (DEBUG, warnings and errors at their
 level) instead of stderr.
@@ -28,13 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import logging
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +44,21 @@ import numpy as np
 
 from cxrlite.errors import CxrliteError
 from cxrlite.model.config import LLM_FAMILIES
+from cxrlite.runtime.positions import (
+    DecodeItem,
+    Piece,
+    PositionKey,
+    Segment,
+    SequenceStates,
+    common_prefix_length,
+    embedding_keys,
+    image_boundary,
+    skip,
+    token_piece,
+)
 
 logger = logging.getLogger(__name__)
 native_logger = logging.getLogger("cxrlite.llama_cpp")
-
-Segment = Sequence[int] | np.ndarray
-# A decoded position's identity: its token id, or (digest of the embedding array, row index).
-PositionKey = int | tuple[bytes, int]
 
 _init_lock = threading.Lock()
 _initialised = False
@@ -68,122 +78,6 @@ _BIDIRECTIONAL_IMAGE_ARCHS = {
 
 class LlamaCppError(CxrliteError, RuntimeError):
     """llama.cpp could not load the model or decode a batch; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class _Piece:
-    tokens: list[int] | None
-    embeds: np.ndarray | None  # float32 [n, n_embd], C-contiguous
-    keys: Sequence[PositionKey]
-
-
-def embedding_keys(embeds: np.ndarray) -> list[PositionKey]:
-    """One key per row: a digest of the whole array (shape included) and the row's index. One
-    digest per array is cheaper than one per row and errs on the safe side: a row only matches
-    a row of an identical array."""
-    array = np.ascontiguousarray(embeds, dtype=np.float32)
-    digest = hashlib.blake2b(repr(array.shape).encode(), digest_size=16)
-    digest.update(memoryview(array).cast("B"))
-    value = digest.digest()
-    return [(value, row) for row in range(array.shape[0])]
-
-
-def common_prefix_length(a: Sequence[PositionKey], b: Sequence[PositionKey]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _skip(pieces: list[_Piece], n: int) -> list[_Piece]:
-    """The pieces without their first n positions."""
-    out = []
-    for piece in pieces:
-        size = len(piece.keys)
-        if n >= size:
-            n -= size
-            continue
-        out.append(
-            _Piece(
-                piece.tokens[n:] if piece.tokens is not None else None,
-                piece.embeds[n:] if piece.embeds is not None else None,
-                piece.keys[n:],
-            )
-        )
-        n = 0
-    return out
-
-
-def _image_boundary(pieces: list[_Piece], n: int) -> int:
-    """n, or the start of the image it falls inside: an image whose tokens attend to each other
-    both ways is decoded whole, never resumed part-way."""
-    start = 0
-    for piece in pieces:
-        end = start + len(piece.keys)
-        if piece.embeds is not None and start < n < end:
-            return start
-        start = end
-    return n
-
-
-class SequenceStates:
-    """A bounded LRU of saved sequence states (seq 0's KV cache as llama.cpp serialises it),
-    each with the position keys it holds, so that two alternating prompts (two studies asked
-    about in turn) both find their prefix although the context holds only one sequence."""
-
-    def __init__(self, max_bytes: int, max_entries: int = 8) -> None:
-        if max_bytes < 0 or max_entries < 0:
-            raise ValueError(f"state cache bounds must be >= 0, got {max_bytes}, {max_entries}")
-        self.max_bytes, self.max_entries = max_bytes, max_entries
-        self._entries: OrderedDict[tuple[PositionKey, ...], ctypes.Array] = OrderedDict()
-        self.nbytes = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, keys: Sequence[PositionKey]) -> bool:
-        return tuple(keys) in self._entries
-
-    def best(self, wanted: Sequence[PositionKey]) -> tuple[tuple[PositionKey, ...], int]:
-        """The saved keys sharing the longest prefix with `wanted`, and that length."""
-        found: tuple[PositionKey, ...] = ()
-        longest = 0
-        for keys in self._entries:
-            n = common_prefix_length(keys, wanted)
-            if n > longest:
-                found, longest = keys, n
-        return found, longest
-
-    def get(self, keys: tuple[PositionKey, ...]) -> ctypes.Array:
-        self._entries.move_to_end(keys)
-        return self._entries[keys]
-
-    def put(self, keys: Sequence[PositionKey], data: ctypes.Array) -> bool:
-        """Store (evicting the least recently used); False when one entry exceeds the bound."""
-        size = ctypes.sizeof(data)
-        if size > self.max_bytes or self.max_entries == 0:
-            return False
-        key = tuple(keys)
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.nbytes -= ctypes.sizeof(old)
-        self._entries[key] = data
-        self.nbytes += size
-        while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.nbytes -= ctypes.sizeof(evicted)
-        return True
-
-    def discard(self, keys: Sequence[PositionKey]) -> None:
-        data = self._entries.pop(tuple(keys), None)
-        if data is not None:
-            self.nbytes -= ctypes.sizeof(data)
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.nbytes = 0
 
 
 def _route_native_logs(llama_cpp: Any) -> None:
@@ -225,7 +119,8 @@ def import_llama_cpp() -> Any:
 
 
 class LlamaCppLLM:
-    """One GGUF model with one context and one sequence (seq_id 0).
+    """One GGUF model with one context of `n_seq` sequences (seq ids 0 .. n_seq - 1), each of
+    `n_ctx` positions.
 
     >>> with LlamaCppLLM("llm-q8_0.gguf", n_ctx=1024) as llm:
     ...     logits = llm.eval([prompt_ids[:5], image_embeds, prompt_ids[6:]])
@@ -241,6 +136,7 @@ class LlamaCppLLM:
         kv_type: str = "f16",
         flash_attn: bool | None = None,
         state_cache_bytes: int = 0,
+        n_seq: int = 1,
     ) -> None:
         self._llama_cpp = lib = import_llama_cpp()
         self.path = Path(gguf_path)
@@ -248,6 +144,12 @@ class LlamaCppLLM:
         self._token_batch = self._embd_batch = None
         if not self.path.is_file():
             raise LlamaCppError(f"{self.path}: GGUF file not found")
+        if kv_type not in KV_TYPES:
+            raise LlamaCppError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
+        if not 1 <= n_seq <= int(lib.llama_max_parallel_sequences()):
+            raise LlamaCppError(
+                f"n_seq must be 1 .. {int(lib.llama_max_parallel_sequences())}, got {n_seq}"
+            )
         model_params = lib.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
         self._model = lib.llama_model_load_from_file(str(self.path).encode(), model_params)
@@ -256,38 +158,47 @@ class LlamaCppLLM:
         vocab = lib.llama_model_get_vocab(self._model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(vocab))
         self.n_embd = int(lib.llama_model_n_embd(self._model))
-        threads = n_threads or os.cpu_count() or 1
-        ctx_params = lib.llama_context_default_params()
-        ctx_params.n_ctx = n_ctx
-        ctx_params.n_batch = ctx_params.n_ubatch = n_batch
-        ctx_params.n_seq_max = 1
-        ctx_params.n_threads = ctx_params.n_threads_batch = threads
-        if kv_type not in KV_TYPES:
-            raise LlamaCppError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
-        ctx_params.type_k = ctx_params.type_v = KV_TYPES[kv_type]
-        # llama_flash_attn_type: -1 auto (on for CPU), 0 off, 1 on. Its CPU kernel rounds through
-        # f16 (~1e-3 on the logits); off gives the exact f32 path for parity checks.
-        ctx_params.flash_attn_type = -1 if flash_attn is None else int(flash_attn)
-        self._ctx = lib.llama_init_from_model(self._model, ctx_params)
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self._ctx = lib.llama_init_from_model(
+            self._model, self._context_params(n_ctx, n_batch, n_seq, kv_type, flash_attn)
+        )
         if not self._ctx:
             self.close()
             raise LlamaCppError(
-                f"{self.path}: could not create a llama.cpp context (n_ctx={n_ctx})"
+                f"{self.path}: could not create a llama.cpp context (n_ctx={n_ctx} x {n_seq})"
             )
         # llama.cpp rounds n_ctx up (to 256) and caps n_batch at it; use what it really made,
         # since a batch larger than its n_batch aborts the process instead of returning an error.
-        self.n_ctx = int(lib.llama_n_ctx(self._ctx))
+        self.n_seq = n_seq
+        self.n_ctx = int(lib.llama_n_ctx_seq(self._ctx))
         self.n_batch = min(n_batch, int(lib.llama_n_batch(self._ctx)))
         self.arch = self.metadata("general.architecture") or ""
         self.bidirectional_image = self.arch in _BIDIRECTIONAL_IMAGE_ARCHS
-        self._token_batch = lib.llama_batch_init(n_batch, 0, 1)
-        self._embd_batch = lib.llama_batch_init(n_batch, self.n_embd, 1)
-        self.n_past = 0
-        # What the KV cache holds, one key per position (`position_keys`): eval_reusing
-        # compares a new prompt with it. len(self._keys) == self.n_past at all times.
-        self._keys: list[PositionKey] = []
-        # Saved prompt states for eval_reusing (0 bytes: none kept).
+        # n_seq_max 1 per row: a row belongs to one sequence (no shared prompt rows)
+        self._token_batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self._embd_batch = lib.llama_batch_init(self.n_batch, self.n_embd, 1)
+        # What each sequence's KV cache holds, one key per position: prefix reuse compares a new
+        # prompt with it, and len(self._keys[seq]) is the sequence's next position.
+        self._keys: list[list[PositionKey]] = [[] for _ in range(n_seq)]
+        # Saved prompt states for prefix reuse (0 bytes: none kept).
         self.states = SequenceStates(state_cache_bytes) if state_cache_bytes else None
+
+    def _context_params(
+        self, n_ctx: int, n_batch: int, n_seq: int, kv_type: str, flash_attn: bool | None
+    ) -> Any:
+        params = self._llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx * n_seq
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = n_seq
+        # One KV stream per sequence: a sequence attends over its own n_ctx cells only, and a
+        # full sequence can never take another's cells.
+        params.kv_unified = False
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.type_k = params.type_v = KV_TYPES[kv_type]
+        # llama_flash_attn_type: -1 auto (on for CPU), 0 off, 1 on. Its CPU kernel rounds through
+        # f16 (~1e-3 on the logits); off gives the exact f32 path for parity checks.
+        params.flash_attn_type = -1 if flash_attn is None else int(flash_attn)
+        return params
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -316,12 +227,30 @@ class LlamaCppLLM:
         with contextlib.suppress(Exception):
             self.close()
 
+    @property
+    def n_past(self) -> int:
+        """Positions of sequence 0 (the one the single-sequence methods use)."""
+        return len(self._keys[0])
+
+    def seq_len(self, seq: int) -> int:
+        return len(self._keys[seq])
+
+    def position_keys(self, seq: int = 0) -> list[PositionKey]:
+        return list(self._keys[seq])
+
     def reset(self) -> None:
-        """Forget the sequence: clear the KV cache and start again at position 0."""
+        """Forget every sequence: clear the KV cache; each starts again at position 0."""
         lib = self._llama_cpp
         lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
-        self.n_past = 0
-        self._keys.clear()
+        for keys in self._keys:
+            keys.clear()
+
+    def forget(self, seq: int) -> None:
+        """Forget one sequence (its KV cells freed; it starts again at position 0)."""
+        lib = self._llama_cpp
+        if not lib.llama_memory_seq_rm(lib.llama_get_memory(self._ctx), seq, 0, -1):
+            self.reset()  # this memory cannot drop a sequence alone (recurrent models)
+        self._keys[seq].clear()
 
     def metadata(self, key: str) -> str | None:
         """A GGUF metadata value as text (e.g. "tokenizer.chat_template"), or None."""
@@ -335,12 +264,12 @@ class LlamaCppLLM:
             self._llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, n + 1)
         return buf.value.decode("utf-8", errors="replace")
 
-    # --- decoding ----------------------------------------------------------------------------
+    # --- prompts -----------------------------------------------------------------------------
 
-    def _parse(self, segments: Sequence[Segment]) -> tuple[list[_Piece], int]:
+    def parse(self, segments: Sequence[Segment]) -> tuple[list[Piece], int]:
         """Segments as pieces with their position keys, validated before any decode so that bad
         input never leaves a half-appended sequence behind."""
-        pieces: list[_Piece] = []
+        pieces: list[Piece] = []
         for segment in segments:
             if isinstance(segment, np.ndarray) and segment.dtype.kind == "f":
                 embeds = np.ascontiguousarray(segment, dtype=np.float32)
@@ -354,149 +283,214 @@ class LlamaCppLLM:
                         f"({self.arch}: its tokens attend to each other); raise n_batch above "
                         f"{self.n_batch}"
                     )
-                pieces.append(_Piece(None, embeds, embedding_keys(embeds)))
-            else:
-                tokens = [int(t) for t in segment]
-                for token in tokens:
+                pieces.append(Piece(None, embeds, embedding_keys(embeds)))
+            elif len(segment):
+                piece = token_piece(segment)
+                for token in piece.tokens:
                     if not 0 <= token < self.n_vocab:
                         raise LlamaCppError(
                             f"token id {token} is outside the vocabulary ({self.n_vocab})"
                         )
-                pieces.append(_Piece(tokens, None, tokens))
-        total = sum(len(piece.keys) for piece in pieces)
+                pieces.append(piece)
+        total = sum(len(piece) for piece in pieces)
         if total == 0:
             raise LlamaCppError("nothing to decode: all segments are empty")
         return pieces, total
 
-    def _decode_chunk(self, tokens: list[int] | None, embeds: np.ndarray | None, want: bool):
-        lib = self._llama_cpp
-        n = len(tokens) if tokens is not None else embeds.shape[0]
-        batch = self._token_batch if tokens is not None else self._embd_batch
-        if tokens is not None:
-            for i, token in enumerate(tokens):
-                batch.token[i] = token
-        else:
-            ctypes.memmove(batch.embd, embeds.ctypes.data, embeds.nbytes)
-        for i in range(n):
-            batch.pos[i] = self.n_past + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = 1 if want else 0
-        batch.n_tokens = n
-        non_causal = embeds is not None and self.bidirectional_image
-        if non_causal:
-            lib.llama_set_causal_attn(self._ctx, False)
-        try:
-            status = lib.llama_decode(self._ctx, batch)
-        finally:
-            if non_causal:
-                lib.llama_set_causal_attn(self._ctx, True)
-        if status != 0:
-            raise LlamaCppError(
-                f"llama_decode failed with status {status} at position {self.n_past}"
-            )
-        self.n_past += n
+    def shared_prefix(self, seq: int, wanted: Sequence[PositionKey]) -> int:
+        """How many leading positions of `wanted` the sequence already holds."""
+        return common_prefix_length(self._keys[seq], wanted)
 
-    def _logits(self, index: int) -> np.ndarray:
-        pointer = self._llama_cpp.llama_get_logits_ith(self._ctx, index)
-        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
-
-    def _decode(self, pieces: list[_Piece], total: int, all_logits: bool) -> np.ndarray:
-        if self.n_past + total > self.n_ctx:
-            raise LlamaCppError(
-                f"{self.n_past} + {total} positions exceed the context of {self.n_ctx}; "
-                "raise n_ctx or shorten the prompt"
-            )
-        outputs: list[np.ndarray] = []
-        done = 0
-        try:
-            for piece in pieces:
-                n = len(piece.keys)
-                for start in range(0, n, self.n_batch):
-                    stop = min(start + self.n_batch, n)
-                    last = done + stop == total
-                    want = all_logits or last
-                    tokens = piece.tokens[start:stop] if piece.tokens is not None else None
-                    embeds = piece.embeds[start:stop] if piece.embeds is not None else None
-                    self._decode_chunk(tokens, embeds, want)
-                    self._keys.extend(piece.keys[start:stop])
-                    if all_logits:
-                        outputs.extend(self._logits(i) for i in range(stop - start))
-                    elif last:
-                        outputs.append(self._logits(stop - start - 1))
-                done += n
-        except BaseException:
-            # A decode that failed part-way (or was interrupted) leaves the KV cache in a state
-            # no key list describes: start again from nothing rather than reuse it.
-            self.reset()
-            raise
-        return np.stack(outputs) if all_logits else outputs[-1]
-
-    def eval(self, segments: Sequence[Segment], all_logits: bool = False) -> np.ndarray:
-        """Append the segments to the sequence; return the last position's logits [n_vocab], or
-        with `all_logits` those of every appended position [n, n_vocab]. Bad input raises before
-        anything is decoded; a failed decode resets the sequence."""
-        pieces, total = self._parse(segments)
-        return self._decode(pieces, total, all_logits)
-
-    def eval_reusing(self, segments: Sequence[Segment]) -> tuple[np.ndarray, int]:
-        """Make the sequence exactly `segments`, keeping the KV cache of the longest prefix it
-        shares with what is already decoded (llama.cpp server's `cache_prompt`): returns the last
-        position's logits and how many positions were reused. The last position is always
-        decoded again, since its logits are needed."""
-        pieces, total = self._parse(segments)
+    def prepare(
+        self,
+        seq: int,
+        pieces: list[Piece],
+        total: int,
+        reuse: bool = True,
+        limit: int | None = None,
+    ) -> int:
+        """Make the sequence hold the longest prefix of `pieces` it can keep (its own cells, or
+        a saved state; none without `reuse`), dropping the rest; the number of positions kept.
+        The last position is never kept, since its logits are needed, nor any past `limit`."""
         if total > self.n_ctx:
             raise LlamaCppError(
                 f"{total} positions exceed the context of {self.n_ctx}; "
                 "raise n_ctx or shorten the prompt"
             )
+        if not reuse:
+            self.forget(seq)
+            return 0
         wanted = [key for piece in pieces for key in piece.keys]
+        last = total - 1 if limit is None else min(limit, total - 1)
         try:
-            reused = min(common_prefix_length(self._keys, wanted), total - 1)
+            kept = min(self.shared_prefix(seq, wanted), last)
             if self.states is not None:
                 saved, shared = self.states.best(wanted)
-                if min(shared, total - 1) > reused:
-                    reused = min(shared, total - 1) if self._restore(saved) else 0
+                if min(shared, last) > kept:
+                    kept = min(shared, last) if self._restore(saved, seq) else 0
             if self.bidirectional_image:
-                reused = _image_boundary(pieces, reused)
-            if reused < self.n_past:
+                kept = image_boundary(pieces, kept)
+            if kept < self.seq_len(seq):
                 lib = self._llama_cpp
-                if lib.llama_memory_seq_rm(lib.llama_get_memory(self._ctx), 0, reused, -1):
-                    self.n_past = reused
-                    del self._keys[reused:]
+                if lib.llama_memory_seq_rm(lib.llama_get_memory(self._ctx), seq, kept, -1):
+                    del self._keys[seq][kept:]
                 else:  # this memory cannot drop part of a sequence (recurrent models)
-                    self.reset()
-                    reused = 0
-            logits = self._decode(_skip(pieces, reused), total - reused, all_logits=False)
-            if self.states is not None and wanted not in self.states:
-                self._save()
+                    self.forget(seq)
+                    kept = 0
         except BaseException:
-            self.reset()  # never reuse a KV cache that a failure left half-changed
+            self.forget(seq)  # never reuse a KV cache that a failure left half-changed
             raise
-        return logits, reused
+        return kept
 
-    def _save(self) -> None:
+    def save_state(self, seq: int) -> None:
         """Keep a copy of the sequence's state (the prompt just decoded) in `states`."""
+        if self.states is None or self._keys[seq] in self.states:
+            return
         lib = self._llama_cpp
-        size = int(lib.llama_state_seq_get_size(self._ctx, 0))
+        size = int(lib.llama_state_seq_get_size(self._ctx, seq))
         if size > self.states.max_bytes:
             return
         data = (ctypes.c_uint8 * size)()
-        if int(lib.llama_state_seq_get_data(self._ctx, data, size, 0)) == size:
-            self.states.put(self._keys, data)
+        if int(lib.llama_state_seq_get_data(self._ctx, data, size, seq)) == size:
+            self.states.put(self._keys[seq], data)
 
-    def _restore(self, keys: tuple[PositionKey, ...]) -> bool:
-        """Load a saved state into seq 0 (llama.cpp drops the sequence's cells first)."""
+    def _restore(self, keys: tuple[PositionKey, ...], seq: int) -> bool:
+        """Load a saved state into a sequence (llama.cpp drops the sequence's cells first)."""
         data = self.states.get(keys)
         lib = self._llama_cpp
-        if int(lib.llama_state_seq_set_data(self._ctx, data, ctypes.sizeof(data), 0)) == 0:
+        if int(lib.llama_state_seq_set_data(self._ctx, data, ctypes.sizeof(data), seq)) == 0:
             logger.warning("llama.cpp could not restore a saved prompt state; decoding it again")
             self.states.discard(keys)
-            self.reset()
+            self.forget(seq)
             return False
-        self.n_past = len(keys)
-        self._keys[:] = keys
+        self._keys[seq][:] = keys
         return True
+
+    # --- decoding ----------------------------------------------------------------------------
+
+    def decode(self, items: Sequence[DecodeItem]) -> list[np.ndarray | None]:
+        """Append each item's positions to its sequence (one item per sequence), in as few
+        `llama_decode` calls as llama.cpp allows: token rows together, embedding rows together
+        (an image of a bidirectional family alone, with causal attention off). Returns each
+        item's logits [rows from logits_from, n_vocab], or None. On a failed decode the items'
+        sequences are forgotten (their cache is in a state no key list describes) and
+        LlamaCppError is raised."""
+        tokens = [i for i, item in enumerate(items) if item.piece.tokens is not None]
+        embeds = [i for i, item in enumerate(items) if item.piece.embeds is not None]
+        groups = [tokens] if tokens else []
+        if embeds:
+            groups += [[i] for i in embeds] if self.bidirectional_image else [embeds]
+        out: list[np.ndarray | None] = [None] * len(items)
+        try:
+            for group in groups:
+                rows = self._decode_group([items[i] for i in group])
+                for i, logits in zip(group, rows, strict=True):
+                    out[i] = logits
+        except BaseException:
+            for item in items:
+                self.forget(item.seq)
+            raise
+        return out
+
+    def _decode_group(self, items: Sequence[DecodeItem]) -> list[np.ndarray | None]:
+        embeddings = items[0].piece.embeds is not None
+        batch = self._embd_batch if embeddings else self._token_batch
+        n = 0
+        for item in items:
+            start, size = self.seq_len(item.seq), len(item.piece)
+            if start + size > self.n_ctx:
+                raise LlamaCppError(
+                    f"{start} + {size} positions exceed the context of {self.n_ctx}; "
+                    "raise n_ctx or shorten the prompt"
+                )
+            if n + size > self.n_batch:
+                raise LlamaCppError(f"a batch of more than {self.n_batch} rows")
+            if embeddings:
+                row_bytes = self.n_embd * ctypes.sizeof(ctypes.c_float)
+                address = ctypes.cast(batch.embd, ctypes.c_void_p).value + n * row_bytes
+                ctypes.memmove(address, item.piece.embeds.ctypes.data, item.piece.embeds.nbytes)
+            for j in range(size):
+                if not embeddings:
+                    batch.token[n + j] = item.piece.tokens[j]
+                batch.pos[n + j] = start + j
+                batch.n_seq_id[n + j] = 1
+                batch.seq_id[n + j][0] = item.seq
+                wanted = item.logits_from is not None and j >= item.logits_from
+                batch.logits[n + j] = 1 if wanted else 0
+            n += size
+        batch.n_tokens = n
+        status = self._llama_decode(batch, non_causal=embeddings and self.bidirectional_image)
+        if status != 0:
+            raise LlamaCppError(
+                f"llama_decode failed with status {status} at position {self.seq_len(items[0].seq)}"
+            )
+        out: list[np.ndarray | None] = []
+        row = 0
+        for item in items:
+            self._keys[item.seq].extend(item.piece.keys)
+            size = len(item.piece)
+            if item.logits_from is None:
+                out.append(None)
+            else:
+                out.append(np.stack([self._logits(row + j) for j in range(item.logits_from, size)]))
+            row += size
+        return out
+
+    def _llama_decode(self, batch: Any, non_causal: bool) -> int:
+        lib = self._llama_cpp
+        if non_causal:
+            lib.llama_set_causal_attn(self._ctx, False)
+        try:
+            return int(lib.llama_decode(self._ctx, batch))
+        finally:
+            if non_causal:
+                lib.llama_set_causal_attn(self._ctx, True)
+
+    def _logits(self, index: int) -> np.ndarray:
+        pointer = self._llama_cpp.llama_get_logits_ith(self._ctx, index)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
+
+    def _decode(
+        self, pieces: list[Piece], total: int, all_logits: bool, seq: int = 0
+    ) -> np.ndarray:
+        """One sequence's pieces in batches of n_batch rows."""
+        if self.seq_len(seq) + total > self.n_ctx:
+            raise LlamaCppError(
+                f"{self.seq_len(seq)} + {total} positions exceed the context of {self.n_ctx}; "
+                "raise n_ctx or shorten the prompt"
+            )
+        outputs: list[np.ndarray] = []
+        done = 0
+        for piece in pieces:
+            for start in range(0, len(piece), self.n_batch):
+                chunk = piece.slice(start, min(start + self.n_batch, len(piece)))
+                done += len(chunk)
+                want = 0 if all_logits else (len(chunk) - 1 if done == total else None)
+                (logits,) = self.decode([DecodeItem(seq, chunk, want)])
+                if logits is not None:
+                    outputs.append(logits)
+        stacked = np.concatenate(outputs)
+        return stacked if all_logits else stacked[-1]
+
+    def eval(
+        self, segments: Sequence[Segment], all_logits: bool = False, seq: int = 0
+    ) -> np.ndarray:
+        """Append the segments to a sequence; return the last position's logits [n_vocab], or
+        with `all_logits` those of every appended position [n, n_vocab]. Bad input raises before
+        anything is decoded; a failed decode forgets the sequence."""
+        pieces, total = self.parse(segments)
+        return self._decode(pieces, total, all_logits, seq)
+
+    def eval_reusing(self, segments: Sequence[Segment], seq: int = 0) -> tuple[np.ndarray, int]:
+        """Make the sequence exactly `segments`, keeping the KV cache of the longest prefix it
+        shares with what is already decoded or saved (llama.cpp server's `cache_prompt`):
+        returns the last position's logits and how many positions were reused. The last
+        position is always decoded again, since its logits are needed."""
+        pieces, total = self.parse(segments)
+        reused = self.prepare(seq, pieces, total)
+        logits = self._decode(skip(pieces, reused), total - reused, all_logits=False, seq=seq)
+        self.save_state(seq)
+        return logits, reused
 
     def eval_tokens(self, token_ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         return self.eval([token_ids], all_logits)

@@ -1,19 +1,20 @@
-"""LLM backends: a prompt of segments (token ids, and image embeddings where the image token was)
--> logits, one sequence at a time.
+"""LLM backends: prompts of segments (token ids, and image embeddings where the image token was)
+-> logits, for the decode engine (cxrlite.runtime.batching) that batches sequences over slots.
 
-The contract is small so that decoding, sampling, stop handling and timing live once, in the
-engine: `prefill(segments)` starts a new sequence and returns the last position's logits
-(`LlamaCppBackend.prefill_reusing` also keeps the KV cache of a prefix shared with the previous
-sequence; the engine uses it when a backend has it),
-`step(token)` appends one token and returns the next logits, `score(segments, answer_ids)`
-returns each answer token's log-probability (multiple choice, perplexity).
+The engine's contract (`BatchDecoder`): `parse(segments)` validates a prompt into pieces,
+`prepare(slot, ...)` keeps the KV cache of a prefix the slot already holds and drops the rest,
+`decode(items)` appends positions to several slots at once and returns the logits asked for.
+Decoding, sampling, stop handling and timing live once, in the engine and `Generation`.
 
-- `LlamaCppBackend`: a GGUF through `cxrlite.runtime.llamacpp.LlamaCppLLM` (embeddings enter through
-  `llama_batch.embd`); GPU offload with `n_gpu_layers` when the llama.cpp build has it.
-- `TorchLLMBackend`: a transformers LlamaForCausalLM with `inputs_embeds` and a KV cache: the
-  PyTorch reference (`CXRVLM.llm`) or a GPTQ model (`cxrlite.runtime.gptq.load_gptq_llm`).
+- `LlamaCppBackend`: a GGUF through `cxrlite.runtime.llamacpp.LlamaCppLLM`, `slots` sequences
+  decoded together, prefills chunked (embeddings enter through `llama_batch.embd`); GPU offload
+  with `n_gpu_layers` when the llama.cpp build has it.
+- `TorchLLMBackend`: a transformers causal LM with `inputs_embeds` and a KV cache: the PyTorch
+  reference (`CXRVLM.llm`) or a GPTQ model (`cxrlite.runtime.gptq.load_gptq_llm`); one slot, the
+  prompt in one forward.
 
-No backend is thread-safe (one KV cache each): the engine serializes them.
+`prefill(segments)` and `step(token)` run one sequence directly (phase benchmarks, parity tests).
+No backend is thread-safe: only the engine's thread decodes.
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from cxrlite.bundle import Key
+from cxrlite.runtime.positions import DecodeItem, Piece, PositionKey, Segment, pieces_of
 from cxrlite.runtime.sampling import log_softmax
 
 logger = logging.getLogger(__name__)
-
-Segment = Sequence[int] | np.ndarray  # token ids, or float32 [n, n_embd] embeddings
 
 
 @runtime_checkable
@@ -39,13 +39,30 @@ class LLMBackend(Protocol):
     device: str
     n_ctx: int  # positions one sequence may use
     n_vocab: int
-    n_past: int  # positions of the current sequence
+    slots: int  # sequences decoded together
+    n_batch: int  # rows one decode may hold
+    chunked: bool  # a prompt may be decoded in parts, between other sequences' steps
+    bidirectional_image: bool
+
+    def parse(self, segments: Sequence[Segment]) -> tuple[list[Piece], int]: ...
+
+    def prepare(
+        self, seq: int, pieces: list[Piece], total: int, reuse: bool, limit: int
+    ) -> int: ...
+
+    def shared_prefix(self, seq: int, wanted: Sequence[PositionKey]) -> int: ...
+
+    def decode(self, items: Sequence[DecodeItem]) -> list[np.ndarray | None]: ...
+
+    def seq_len(self, seq: int) -> int: ...
+
+    def save_state(self, seq: int) -> None: ...
+
+    def forget(self, seq: int) -> None: ...
 
     def prefill(self, segments: Sequence[Segment]) -> np.ndarray: ...
 
     def step(self, token_id: int) -> np.ndarray: ...
-
-    def score(self, segments: Sequence[Segment], answer_ids: Sequence[int]) -> np.ndarray: ...
 
     def close(self) -> None: ...
 
@@ -75,6 +92,7 @@ class LlamaCppBackend:
         kv_type: str = "f16",
         flash_attn: bool | None = None,
         state_cache_bytes: int | None = None,
+        slots: int = 1,
     ) -> None:
         from cxrlite.runtime.llamacpp import (
             DEFAULT_STATE_CACHE_BYTES,
@@ -97,22 +115,32 @@ class LlamaCppBackend:
             state_cache_bytes=(
                 DEFAULT_STATE_CACHE_BYTES if state_cache_bytes is None else state_cache_bytes
             ),
+            n_seq=slots,
         )
-        self.n_ctx, self.n_vocab = self.llm.n_ctx, self.llm.n_vocab
-        self.settings = {"n_gpu_layers": n_gpu_layers, "kv_type": kv_type, "flash_attn": flash_attn}
+        llm = self.llm
+        self.n_ctx, self.n_vocab, self.n_batch = llm.n_ctx, llm.n_vocab, llm.n_batch
+        self.slots, self.bidirectional_image = llm.n_seq, llm.bidirectional_image
+        self.threads = llm.n_threads
+        self.settings = {
+            "n_gpu_layers": n_gpu_layers, "kv_type": kv_type, "flash_attn": flash_attn,
+            "slots": self.slots, "threads": self.threads,
+        }  # fmt: skip
+        # The engine's contract, straight through to LlamaCppLLM.
+        self.parse, self.shared_prefix, self.decode = llm.parse, llm.shared_prefix, llm.decode
+        self.seq_len, self.save_state, self.forget = llm.seq_len, llm.save_state, llm.forget
+
+    chunked = True
 
     @property
     def n_past(self) -> int:
         return self.llm.n_past
 
-    def prefill(self, segments: Sequence[Segment]) -> np.ndarray:
-        self.llm.reset()
-        return self.llm.eval(segments)
+    def prepare(self, seq: int, pieces: list[Piece], total: int, reuse: bool, limit: int) -> int:
+        return self.llm.prepare(seq, pieces, total, reuse, limit)
 
-    def prefill_reusing(self, segments: Sequence[Segment]) -> tuple[np.ndarray, int]:
-        """`prefill` that keeps the KV cache of the prefix shared with the current sequence
-        (see LlamaCppLLM.eval_reusing): (last logits, positions reused)."""
-        return self.llm.eval_reusing(segments)
+    def prefill(self, segments: Sequence[Segment]) -> np.ndarray:
+        self.llm.forget(0)
+        return self.llm.eval(segments)
 
     def clear_prefix_cache(self) -> None:
         """Forget the sequence and every saved prompt state: the next prefill starts cold."""
@@ -122,13 +150,6 @@ class LlamaCppBackend:
 
     def step(self, token_id: int) -> np.ndarray:
         return self.llm.eval([[int(token_id)]])
-
-    def score(self, segments: Sequence[Segment], answer_ids: Sequence[int]) -> np.ndarray:
-        ids = _check_answer(answer_ids)
-        rows = [self.prefill(segments)]
-        if len(ids) > 1:
-            rows.extend(self.llm.eval([ids[:-1]], all_logits=True))
-        return _answer_logprobs(np.stack(rows), ids)
 
     def close(self) -> None:
         self.llm.close()
@@ -151,6 +172,67 @@ class TorchLLMBackend:
         self.n_vocab = int(config.vocab_size)
         self._past: Any = None
         self.n_past = 0
+        self.n_batch = self.n_ctx  # the prompt goes in one forward
+
+    # One slot, the prompt whole (Gemma 3's image masks are built over the whole prompt), no
+    # prefix reuse: the reference and GPTQ paths favour simplicity over serving speed.
+    slots = 1
+    chunked = False
+    bidirectional_image = False
+
+    def parse(self, segments: Sequence[Segment]) -> tuple[list[Piece], int]:
+        pieces = pieces_of(segments)
+        total = sum(len(piece) for piece in pieces)
+        if total == 0:
+            raise ValueError("nothing to decode: all segments are empty")
+        for piece in pieces:
+            if piece.embeds is not None and piece.embeds.shape[1:] != (self._table.embedding_dim,):
+                raise ValueError(
+                    f"embeddings must be [n, {self._table.embedding_dim}], got {piece.embeds.shape}"
+                )
+            if piece.tokens is not None and not all(0 <= t < self.n_vocab for t in piece.tokens):
+                raise ValueError(f"token id outside the vocabulary ({self.n_vocab})")
+        return pieces, total
+
+    def prepare(self, seq: int, pieces: list[Piece], total: int, reuse: bool, limit: int) -> int:
+        if total > self.n_ctx:
+            raise ValueError(f"{total} positions exceed the context of {self.n_ctx}")
+        self.forget(seq)
+        return 0
+
+    def shared_prefix(self, seq: int, wanted: Sequence[PositionKey]) -> int:
+        return 0
+
+    def seq_len(self, seq: int) -> int:
+        return self.n_past
+
+    def save_state(self, seq: int) -> None:
+        pass
+
+    def forget(self, seq: int) -> None:
+        self._past, self.n_past = None, 0
+
+    def decode(self, items: Sequence[DecodeItem]) -> list[np.ndarray | None]:
+        """A whole prompt (every item, in order) as one forward, or one generated token."""
+        if self.n_past:
+            (item,) = items
+            return [self.step(item.piece.tokens[0])[None]]
+        segments = [
+            p.tokens if p.tokens is not None else p.embeds for p in (i.piece for i in items)
+        ]
+        with self._torch.no_grad():
+            embeds, image = self._embeds(segments)
+            out = self._forward(embeds, image, use_cache=True)
+        self._past, self.n_past = out.past_key_values, int(embeds.shape[1])
+        rows, start, logits = [], 0, out.logits[0]
+        for item in items:
+            if item.logits_from is None:
+                rows.append(None)
+            else:
+                part = logits[start + item.logits_from : start + len(item.piece)]
+                rows.append(part.float().cpu().numpy())
+            start += len(item.piece)
+        return rows
 
     def _embeds(self, segments: Sequence[Segment]) -> tuple[Any, Any]:
         """The prompt's input embeddings [1, T, D] and which positions hold an image [1, T]."""
@@ -231,6 +313,7 @@ def open_llm(
     flash_attn: bool | None = None,
     reference_llm: Any = None,
     device: Any = None,
+    slots: int = 1,
 ) -> LLMBackend:
     """The backend for a plan `Choice` (cxrlite.runtime.plan); `reference_llm` is the reference
     model's LLM for the torch backend; a GPTQ model loads on `device` (a torch device)."""
@@ -253,4 +336,5 @@ def open_llm(
         n_gpu_layers=n_gpu_layers,
         kv_type=kv_type,
         flash_attn=flash_attn,
+        slots=slots,
     )

@@ -48,6 +48,38 @@ class Hardware:
         None  # cxrlite.runtime.tensorrt_runner.current_gpu(), if usable
     )
     trt_error: str | None = None  # why TensorRT cannot run here
+    cpu_cores: int = 1  # the cores this process may run on
+
+
+# Sequences decoded together when --parallel is not given. On a CPU a step's cost grows with
+# the batch (2 cores are compute-bound), so a few slots take most of the gain; a GPU reads the
+# weights once per step whatever the batch, so more slots keep paying.
+DEFAULT_SLOTS_CPU = 4
+DEFAULT_SLOTS_GPU = 16
+
+
+def plan_threads(hw: Hardware, requested: int | None) -> tuple[int, str]:
+    """CPU threads for the LLM and the vision tower, and why."""
+    if requested:
+        return requested, "as asked (--threads)"
+    if hw.cpu_cores <= 1:
+        return 1, "the one core this process may use"
+    return hw.cpu_cores - 1, (
+        f"{hw.cpu_cores - 1} of {hw.cpu_cores} cores: one is left for the HTTP server, image "
+        "decoding and the load around it, because llama.cpp's threads wait for each other at "
+        "every step and all stall when another thread takes a core they run on"
+    )
+
+
+def plan_slots(hw: Hardware, requested: int | None, gpu: bool, batching: bool) -> tuple[int, str]:
+    """Sequences the LLM decodes together (continuous batching), and why."""
+    if not batching:
+        return 1, "this LLM backend decodes one sequence at a time"
+    if requested:
+        return requested, "as asked (--parallel)"
+    if gpu:
+        return DEFAULT_SLOTS_GPU, "the default on a GPU (a step costs about the same for 1 or 16)"
+    return DEFAULT_SLOTS_CPU, "the default on a CPU (batching gains less where compute-bound)"
 
 
 @dataclass(frozen=True)
@@ -85,6 +117,9 @@ def probe_hardware(tensorrt: bool = False) -> Hardware:
         except TensorRTError as e:
             trt_error = str(e)
     return Hardware(
+        cpu_cores=len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else (os.cpu_count() or 1),
         cuda=torch.cuda.is_available(),
         ort_providers=providers,
         llama_cpp=llama,

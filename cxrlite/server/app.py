@@ -5,7 +5,7 @@
 
 Everything a route needs is on `app.state`: `settings` (ServerSettings), `metrics`
 (ServerMetrics), `loader` (RuntimeLoader: the runtime once ready), `scheduler` (the queue in
-front of the one LLM worker), `image_pool` (the threads that decode and encode images) and
+front of the LLM workers, one per runtime slot), `image_pool` (the threads that decode and encode images) and
 `dicom` (the DICOM listener of `--dicom-port`, cxrlite.pacs, or None).
 Logs carry the request id, route, status, timings and token counts only; `log_phi` adds
 prompts and answers.
@@ -67,7 +67,14 @@ def create_app(
     )
     metrics.watch_queue(lambda: scheduler.depth)
     app.state.settings, app.state.metrics, app.state.scheduler = settings, metrics, scheduler
-    app.state.loader = RuntimeLoader(runtime, settings, metrics, on_load_error)
+    app.state.loader = RuntimeLoader(
+        runtime,
+        settings,
+        metrics,
+        on_load_error,
+        # one worker per slot: the runtime's engine decodes their generations together
+        on_ready=lambda rt: scheduler.set_workers(getattr(rt.llm, "slots", 1)),
+    )
     app.state.image_pool = ThreadPoolExecutor(settings.image_workers, "cxrlite-image")
     app.state.dicom = None
     if settings.dicom is not None:  # `--dicom-port`: PACS in, SR out (cxrlite.pacs.serving)

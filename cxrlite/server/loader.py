@@ -40,6 +40,7 @@ class RuntimeLoader:
         settings: ServerSettings,
         metrics: ServerMetrics,
         on_error: Callable[[BaseException], None] | None = None,
+        on_ready: Callable[[Any], None] | None = None,
     ) -> None:
         self.factory: Callable[[], Any] | None = source if callable(source) else None
         self.runtime: Any = None if self.factory else source
@@ -47,11 +48,12 @@ class RuntimeLoader:
         self.loaded_at = int(time.time())
         self.thread: threading.Thread | None = None
         self.settings, self.metrics, self.on_error = settings, metrics, on_error
+        self.on_ready = on_ready  # hears of the runtime once it is ready (sizes the workers)
         self._closing = False
 
     def start(self) -> None:
         if self.factory is None:
-            self.metrics.ready.set(1)
+            self._ready(self.runtime)
             return
         self.thread = threading.Thread(target=self._load, name="cxrlite-load", daemon=True)
         self.thread.start()
@@ -68,8 +70,15 @@ class RuntimeLoader:
             return
         warm_decoders()
         self.runtime, self.loaded_at = runtime, int(time.time())
-        self.metrics.ready.set(1)
+        self._ready(runtime)
         logger.info("model %s ready in %.1f s", runtime.model_id, time.perf_counter() - started)
+        for name, choice in getattr(runtime, "parallelism", {}).items():
+            logger.info("%s: %s (%s)", name, choice["value"], choice["reason"])
+
+    def _ready(self, runtime: Any) -> None:
+        if self.on_ready is not None:
+            self.on_ready(runtime)
+        self.metrics.ready.set(1)
 
     def _failed(self, error: Exception) -> None:
         self.error = f"{type(error).__name__}: {error}"

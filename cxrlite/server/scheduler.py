@@ -1,11 +1,14 @@
-"""A bounded FIFO queue in front of the one LLM worker thread, bridged to asyncio.
+"""A bounded FIFO queue in front of the LLM worker threads, bridged to asyncio.
 
-The runtime decodes one sequence at a time (one KV cache), so one worker thread runs every
-generation, in the order requests became ready. A request is *admitted* (`admit()`) before its
-image work starts, so the bound counts everything waiting for the LLM, image work included; a
-full queue is refused at once (`QueueFull`: the app answers 503 + Retry-After) instead of
-letting latency grow without limit. Image work runs in the image threads, outside this queue, so
-the next request's image is decoded and encoded while the current one decodes tokens.
+The runtime decodes up to `slots` sequences together (cxrlite.runtime.batching), so as many worker
+threads run generations, taking jobs in the order requests became ready; each worker drives one
+generation (a report: its findings, then its impression) while the runtime's engine batches them
+all. `set_workers(runtime.slots)` is called once the runtime is ready. A request is *admitted*
+(`admit()`) before its image work starts, so the bound counts everything waiting for the LLM,
+image work included; a full queue is refused at once (`QueueFull`: the app answers 503 +
+Retry-After) instead of letting latency grow without limit. Image work runs in the image
+threads, outside this queue, so the next request's image is decoded and encoded while others
+decode tokens.
 
 A `Job` carries the work (a function run in the worker thread) and an `asyncio.Queue` of what
 it emits, filled from the worker with `loop.call_soon_threadsafe`: the event loop never waits
@@ -134,16 +137,41 @@ class Scheduler:
         self._ready: collections.deque[Job] = collections.deque()
         self._admitted = 0  # holding a ticket: image work, or queued for the worker
         self._stopping = False
-        self._thread: threading.Thread | None = None
-        self.current: Job | None = None
+        self._started = False
+        self._threads: list[threading.Thread] = []
+        self.running: list[Job] = []  # started, not finished, oldest first
 
     @property
     def depth(self) -> int:
         return self._admitted
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="cxrlite-llm-worker", daemon=True)
-        self._thread.start()
+    @property
+    def current(self) -> Job | None:
+        """The oldest running job."""
+        running = list(self.running)
+        return running[0] if running else None
+
+    @property
+    def workers(self) -> int:
+        return len(self._threads)
+
+    def start(self, workers: int = 1) -> None:
+        self._started = True
+        self.set_workers(workers)
+
+    def set_workers(self, workers: int) -> None:
+        """Run up to `workers` jobs at once (never fewer than already run: threads only grow)."""
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        with self._cond:
+            if not self._started or self._stopping:
+                return
+            while len(self._threads) < workers:
+                thread = threading.Thread(
+                    target=self._run, name=f"cxrlite-llm-worker-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
 
     def admit(self) -> Ticket:
         with self._cond:
@@ -198,12 +226,13 @@ class Scheduler:
             self._cond.notify_all()
         for job in queued:
             job._finish(ERROR, SchedulerStopped())
-        if self.current is not None:
-            self.current.cancel()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                logger.warning("the LLM worker did not stop within %.0f s", timeout_s)
+        for job in list(self.running):
+            job.cancel()
+        deadline = time.perf_counter() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.perf_counter()))
+            if thread.is_alive():
+                logger.warning("an LLM worker did not stop within %.0f s", timeout_s)
 
     def _run(self) -> None:
         while True:
@@ -214,7 +243,7 @@ class Scheduler:
                     return
                 job = self._ready.popleft()
                 self._admitted -= 1
-                self.current = job
+                self.running.append(job)
                 self._cond.notify_all()
             job.started_at = time.perf_counter()
             job.started.set()
@@ -225,4 +254,5 @@ class Scheduler:
             except BaseException as e:  # noqa: BLE001 - handed to the request, which answers
                 job._finish(ERROR, e)
             finally:
-                self.current = None
+                with self._cond:
+                    self.running.remove(job)
