@@ -55,7 +55,7 @@ def gate_variants(
 
         def score(**backends: Any) -> dict[str, Any]:
             runtime = Runtime.from_bundle(
-                bundle_dir, threads=threads, warmup=False, device=device, **backends
+                bundle_dir, threads=threads, warmup=False, device=device, slots=None, **backends
             )
             try:
                 return evaluate_variant(runtime, held.studies, held.mc_records, held.report_texts)

@@ -119,10 +119,10 @@ def chat_body(
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
 
 
-class GatedLLM:
-    """Wraps a real LLM backend: after `free_steps` steps, `step()` (each token after the first)
-    waits for `gate`, and `stepping` is set once a step waits, so a test can hold a generation
-    mid-stream."""
+class GatedDecoder:
+    """Wraps the runtime engine's LLM decoder: after `free_steps` steps that decode a generated
+    token, each such step (each token after the first) waits for `gate`, and `stepping` is set
+    once a step waits, so a test can hold a generation mid-stream. Prefill never waits."""
 
     def __init__(self, inner, free_steps: int = 0) -> None:
         self.inner, self.free_steps = inner, free_steps
@@ -132,28 +132,27 @@ class GatedLLM:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def prefill(self, segments):
-        return self.inner.prefill(segments)
-
-    def step(self, token_id):
-        if self.free_steps > 0:
-            self.free_steps -= 1
-            return self.inner.step(token_id)
-        self.stepping.set()
-        if not self.gate.wait(GATE_TIMEOUT_S):
-            raise TimeoutError("the test never opened the gate")
-        return self.inner.step(token_id)
+    def decode(self, items):
+        if any(item.generated for item in items):
+            if self.free_steps > 0:
+                self.free_steps -= 1
+            else:
+                self.stepping.set()
+                if not self.gate.wait(GATE_TIMEOUT_S):
+                    raise TimeoutError("the test never opened the gate")
+        return self.inner.decode(items)
 
 
 @contextlib.contextmanager
-def gated(runtime: Runtime, free_steps: int = 0) -> Iterator[GatedLLM]:
-    wrapper = GatedLLM(runtime.llm, free_steps)
-    runtime.llm = wrapper
+def gated(runtime: Runtime, free_steps: int = 0) -> Iterator[GatedDecoder]:
+    engine = runtime.engine
+    wrapper = GatedDecoder(engine.decoder, free_steps)
+    engine.decoder = wrapper
     try:
         yield wrapper
     finally:
         wrapper.gate.set()
-        runtime.llm = wrapper.inner
+        engine.decoder = wrapper.inner
 
 
 def free_port() -> int:

@@ -133,13 +133,19 @@ def _reports(
     from cxrlite.imaging.errors import ImageError
 
     enabled = None if len(files) > 1 else False
+
+    def one(file: Path) -> tuple[Path, dict[str, Any] | None, ImageError | None]:
+        try:
+            return file, {"file": str(file), **runtime.report(file, max_tokens=max_tokens)}, None
+        except ImageError as e:
+            return file, None, e
+
     with progress_bar("report", total=len(files), enabled=enabled) as advance:
-        for file in files:
-            try:
-                result = {"file": str(file), **runtime.report(file, max_tokens=max_tokens)}
-            except ImageError as e:
+        # a folder is a batch: up to the runtime's slots of studies decoded together, in order
+        for file, result, error in runtime.map(one, files):
+            if error is not None:
                 failed.append(file)
-                click.echo(f"error: {file}: [{e.code}] {e.problem}", err=True)
+                click.echo(f"error: {file}: [{error.code}] {error.problem}", err=True)
                 advance(failed=len(failed))
                 continue
             click.echo(

@@ -118,8 +118,9 @@ def eval_targets(
 
     def runtime(**kw: Any) -> RuntimeFactory:
         return lambda: Runtime.from_bundle(
-            target, threads=threads, warmup=False, verify=False, device=torch_device, **kw
-        )
+            target, threads=threads, warmup=False, verify=False, device=torch_device,
+            slots=None, **kw,
+        )  # fmt: skip
 
     out = []
     try:

@@ -71,17 +71,22 @@ def run_variant(
     prompt = prompt or (own["findings"] if own else FINDINGS_PROMPT)
     root = Path(image_root) if image_root is not None else None
     started = time.perf_counter()
-    generated = [
-        runtime.complete(prompt, _image_path(s.image, root), max_tokens=max_tokens).text.strip()
-        for s in studies
-    ]
-    hits: dict[str, list[int]] = defaultdict(list)
-    for record in mc_records:
-        if not record.options:
-            continue
+
+    def findings(study: Study) -> str:
+        image = _image_path(study.image, root)
+        return runtime.complete(prompt, image, max_tokens=max_tokens).text.strip()
+
+    def chosen(record: TaskRecord) -> str:
         image = _image_path(record.images[0], root) if record.images else None
         scores = runtime.option_logprobs(record.prompt, record.options, image)
-        best = record.options[max(range(len(scores)), key=scores.__getitem__)]
+        return record.options[max(range(len(scores)), key=scores.__getitem__)]
+
+    # Studies (and records) batched: up to the runtime's slots decoded together; each record's
+    # options share its prompt's KV cache (Runtime.option_logprobs).
+    generated = list(runtime.map(findings, studies))
+    scored = [record for record in mc_records if record.options]
+    hits: dict[str, list[int]] = defaultdict(list)
+    for record, best in zip(scored, runtime.map(chosen, scored), strict=True):
         hits[record.task].append(int(best == record.answer))
     texts = [t for t in report_texts if t and t.strip()]
     ppl = runtime.perplexity(texts) if texts else {"perplexity": math.nan, "n_tokens": 0}

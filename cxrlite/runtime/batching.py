@@ -261,7 +261,7 @@ class DecodeEngine:
     def _plan_step(self) -> list[DecodeItem]:
         """A token of each generating sequence, then prefill rows, oldest request first."""
         items = [
-            DecodeItem(slot.index, token_piece([slot.next_token]), 0)
+            DecodeItem(slot.index, token_piece([slot.next_token]), 0, generated=True)
             for slot in self.slots
             if slot.handle is not None and slot.next_token is not None
         ]

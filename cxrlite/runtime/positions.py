@@ -49,6 +49,7 @@ class DecodeItem:
     seq: int
     piece: Piece
     logits_from: int | None = None
+    generated: bool = False  # a sampled token being appended (not the prompt)
 
 
 def token_piece(tokens: Sequence[int]) -> Piece:
