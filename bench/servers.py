@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -88,7 +89,7 @@ def managed_run() -> Iterator[None]:
     line with exit code 2."""
     from cxrlite.cli import USER_ERRORS
 
-    for name in ("cxrlite.bench.server_compare", __name__):
+    for name in ("cxrlite.bench.server_compare", "cxrlite.bench.batching", __name__):
         named = logging.getLogger(name)
         if named.getEffectiveLevel() > logging.INFO:
             named.setLevel(logging.INFO)
@@ -110,6 +111,7 @@ class ServerSpec:
     command: list[str]
     port: int
     ready_path: str  # GET answering 200 once the model is loaded
+    env: dict[str, str] | None = None  # added to this process's environment
 
     @property
     def url(self) -> str:
@@ -153,13 +155,25 @@ def bundle_llm(bundle_dir: str | Path, llm_variant: str | None = None) -> Bundle
 
 
 def cxrlite_spec(
-    bundle_dir: str | Path, port: int, threads: int, llm_variant: str | None = None
+    bundle_dir: str | Path,
+    port: int,
+    threads: int,
+    llm_variant: str | None = None,
+    *,
+    parallel: int | None = None,
+    source: str | Path | None = None,
+    name: str = "cxrlite",
 ) -> ServerSpec:
+    """`cxrlite serve`, with `parallel` slots; `source` runs another checkout of cxrlite (its
+    folder first on PYTHONPATH), e.g. the commit before a change, for a before/after table."""
     command = [sys.executable, "-m", "cxrlite.cli", "serve", str(bundle_dir), "--port", str(port),
                "--threads", str(threads)]  # fmt: skip
     if llm_variant:
         command += ["--llm-variant", llm_variant]
-    return ServerSpec("cxrlite", command, port, "/health")
+    if parallel is not None:
+        command += ["--parallel", str(parallel)]
+    env = {"PYTHONPATH": str(Path(source).resolve())} if source is not None else None
+    return ServerSpec(name, command, port, "/health", env)
 
 
 def llama_cpp_spec(gguf: str | Path, port: int, threads: int, n_ctx: int) -> ServerSpec:
@@ -233,6 +247,7 @@ def running_server(
         process = subprocess.Popen(
             spec.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, preexec_fn=_parent_death_signal(),
+            env={**os.environ, **spec.env} if spec.env else None,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + start_timeout

@@ -38,6 +38,16 @@ TOOLS = {
         "compare_command",
         "cxrlite serve vs llama.cpp's servers on the same GGUF.",
     ),
+    "batching": (
+        "cxrlite.bench.batching",
+        "batching_command",
+        "Continuous batching: cxrlite before/after vs llama-server, 1-8 clients.",
+    ),
+    "llama-server": (
+        "cxrlite.bench.llama_server",
+        "llama_server_command",
+        "Build (once) llama.cpp's C++ llama-server, the performance peer.",
+    ),
     "mmproj": (
         "cxrlite.bench.mmproj",
         "mmproj_command",
