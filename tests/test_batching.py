@@ -205,3 +205,33 @@ def test_vision_batcher_hands_errors_to_every_waiter():
     with pytest.raises(RuntimeError, match="the tower failed"):
         batcher.encode(np.zeros((1, 2, 2), np.float32), "a")
     assert batcher.stats()["batches"] == 1
+
+
+def test_the_server_runs_a_worker_per_slot_and_batches_requests(single, batched):
+    import httpx
+    from server_testkit import chat_body, live_server, phantom_png
+
+    from cxrlite.server import create_app
+
+    images = [phantom_png(60 + i) for i in range(3)] + [None] * 3
+    want = [
+        single.complete("Describe the findings.", image, max_tokens=TOKENS).text
+        for image in images
+    ]
+    app = create_app(batched)
+    steps = batched.engine.steps
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        assert app.state.scheduler.workers == SLOTS
+        start = threading.Barrier(len(images))
+
+        def ask(image):
+            start.wait()
+            body = chat_body(batched.model_id, image, max_tokens=TOKENS, temperature=0)
+            response = http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["message"]["content"]
+
+        with ThreadPoolExecutor(len(images)) as pool:
+            got = list(pool.map(ask, images))
+    assert got == want
+    assert batched.engine.steps - steps < len(images) * TOKENS * 0.6  # steps were shared

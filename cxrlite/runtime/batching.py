@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cxrlite.runtime.positions import DecodeItem, Piece, PositionKey, skip, token_piece
-from cxrlite.runtime.sampling import Sampler, SamplingParams, log_softmax
+from cxrlite.runtime.sampling import Sampler, SamplingParams, greedy, log_softmax
 
 logger = logging.getLogger(__name__)
 
@@ -315,6 +315,7 @@ class DecodeEngine:
             for index in {item.seq for item in items}:
                 self._end(self.slots[index], ERROR, e)
             return
+        to_sample: list[tuple[_Slot, np.ndarray]] = []
         for item, logits in zip(items, outputs, strict=True):
             slot = self.slots[item.seq]
             if slot.handle is None or logits is None:
@@ -324,12 +325,20 @@ class DecodeEngine:
             elif not slot.todo:
                 if slot.next_token is None and slot.handle.request.prefix_cache:
                     self.decoder.save_state(slot.index)  # the prompt, before any answer
-                self._sampled(slot, logits[-1])
+                to_sample.append((slot, logits[-1]))
+        # Greedy sequences pick their tokens in one pass; the others each with its own sampler.
+        plain = [(slot, row) for slot, row in to_sample if slot.sampler.params.temperature == 0]
+        drawn = [(slot, row) for slot, row in to_sample if slot.sampler.params.temperature != 0]
+        if plain:
+            tokens, logprobs = greedy(np.stack([row for _, row in plain]))
+            for (slot, _), token, logprob in zip(plain, tokens, logprobs, strict=True):
+                self._sampled(slot, int(token), float(logprob))
+        for slot, row in drawn:
+            self._sampled(slot, *slot.sampler(row))
 
-    def _sampled(self, slot: _Slot, logits: np.ndarray) -> None:
+    def _sampled(self, slot: _Slot, token: int, logprob: float) -> None:
         handle = slot.handle
         request = handle.request
-        token, logprob = slot.sampler(logits)
         if handle.first_token_at is None:
             handle.first_token_at = time.perf_counter()
         if token in request.stop_ids:

@@ -424,16 +424,21 @@ class LlamaCppLLM:
             raise LlamaCppError(
                 f"llama_decode failed with status {status} at position {self.seq_len(items[0].seq)}"
             )
+        # llama.cpp keeps the rows that asked for logits contiguous, in batch order.
+        n_out = sum(len(i.piece) - i.logits_from for i in items if i.logits_from is not None)
+        logits = np.ctypeslib.as_array(
+            self._llama_cpp.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab)
+        ) if n_out else None  # fmt: skip
         out: list[np.ndarray | None] = []
         row = 0
         for item in items:
             self._keys[item.seq].extend(item.piece.keys)
-            size = len(item.piece)
             if item.logits_from is None:
                 out.append(None)
-            else:
-                out.append(np.stack([self._logits(row + j) for j in range(item.logits_from, size)]))
-            row += size
+                continue
+            rows = len(item.piece) - item.logits_from
+            out.append(np.array(logits[row : row + rows]))  # a copy: the next decode reuses it
+            row += rows
         return out
 
     def _llama_decode(self, batch: Any, non_causal: bool) -> int:
@@ -445,10 +450,6 @@ class LlamaCppLLM:
         finally:
             if non_causal:
                 lib.llama_set_causal_attn(self._ctx, True)
-
-    def _logits(self, index: int) -> np.ndarray:
-        pointer = self._llama_cpp.llama_get_logits_ith(self._ctx, index)
-        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
 
     def _decode(
         self, pieces: list[Piece], total: int, all_logits: bool, seq: int = 0

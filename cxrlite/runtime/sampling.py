@@ -49,6 +49,18 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def greedy(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of logits [k, vocab] -> each row's greedy token (the first of equal maxima, as
+    torch.argmax) and its log-probability: what `Sampler` gives at temperature 0, for every
+    sequence of a decode step in one pass."""
+    x = np.asarray(logits, dtype=np.float32)
+    tokens = x.argmax(axis=1)
+    top = x[np.arange(len(x)), tokens].astype(np.float64)
+    # logsumexp around the maximum (the chosen token's logit): exp never overflows
+    total = np.exp((x - top[:, None].astype(np.float32)).astype(np.float64)).sum(axis=1)
+    return tokens, -np.log(total)
+
+
 class Sampler:
     """Picks tokens from logits; one per generation (it owns the seeded random stream)."""
 
