@@ -1,8 +1,8 @@
 """Continuous batching: one thread decodes every running sequence together, a step at a time.
 
 Decoding a memory-bound LLM reads every weight once per step whatever the batch, so N sequences
-decoded in one step cost little more than one. The `DecodeEngine` owns the LLM backend (a
-`BatchDecoder`: the llama.cpp backend with `slots` sequences, or the PyTorch one with a single
+decoded in one step cost little more than one. The `DecodeEngine` owns the LLM backend (an
+`LLMBackend`: the llama.cpp backend with `slots` sequences, or the PyTorch one with a single
 slot) and runs a loop in its own thread:
 
 1. new requests take free slots (the slot whose KV cache shares the longest prefix with the
@@ -31,42 +31,17 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from cxrlite.runtime.llm import LLMBackend
 from cxrlite.runtime.positions import DecodeItem, Piece, PositionKey, skip, token_piece
 from cxrlite.runtime.sampling import Sampler, SamplingParams, greedy, log_softmax
 
 logger = logging.getLogger(__name__)
 
 TOKEN, END, SCORES, ERROR = "token", "end", "scores", "error"
-
-
-class BatchDecoder(Protocol):
-    """What the engine needs of an LLM backend (cxrlite.runtime.llm)."""
-
-    slots: int  # sequences decoded together
-    n_batch: int  # rows one step may hold
-    n_ctx: int  # positions of one sequence
-    chunked: bool  # prefill may be split over steps and mixed with other sequences' rows
-    bidirectional_image: bool  # an image's rows attend both ways: decoded whole
-
-    def forget(self, seq: int) -> None: ...
-
-    def parse(self, segments: Any) -> tuple[list[Piece], int]: ...
-
-    def prepare(
-        self, seq: int, pieces: list[Piece], total: int, reuse: bool, limit: int
-    ) -> int: ...
-
-    def shared_prefix(self, seq: int, wanted: list[PositionKey]) -> int: ...
-
-    def decode(self, items: list[DecodeItem]) -> list[np.ndarray | None]: ...
-
-    def seq_len(self, seq: int) -> int: ...
-
-    def save_state(self, seq: int) -> None: ...
 
 
 @dataclass
@@ -143,7 +118,7 @@ class EngineClosed(RuntimeError):
 
 
 class DecodeEngine:
-    def __init__(self, decoder: BatchDecoder, name: str = "cxrlite-decode") -> None:
+    def __init__(self, decoder: LLMBackend, name: str = "cxrlite-decode") -> None:
         self.decoder = decoder
         self.slots = [_Slot(i) for i in range(decoder.slots)]
         self._pending: collections.deque[SequenceHandle] = collections.deque()
@@ -168,13 +143,15 @@ class DecodeEngine:
             self._cond.notify_all()
         return handle
 
-    def close(self, timeout_s: float = 30.0) -> None:
-        """Stop the loop; waiting and running sequences end with EngineClosed."""
+    def close(self, timeout_s: float = 60.0) -> bool:
+        """Stop the loop (waiting and running sequences end with EngineClosed); whether its
+        thread ended, so that the backend may be freed."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     @property
     def active(self) -> int:

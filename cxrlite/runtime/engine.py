@@ -221,8 +221,10 @@ class Runtime:
         return result.timings
 
     def close(self) -> None:
-        self.engine.close()
-        self.llm.close()
+        if self.engine.close():
+            self.llm.close()
+        else:  # freeing the context under a running decode would crash the process
+            logger.warning("the decode engine did not stop; the LLM is left to the process exit")
 
     def __enter__(self) -> Runtime:
         return self
