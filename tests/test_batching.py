@@ -235,3 +235,39 @@ def test_the_server_runs_a_worker_per_slot_and_batches_requests(single, batched)
             got = list(pool.map(ask, images))
     assert got == want
     assert batched.engine.steps - steps < len(images) * TOKENS * 0.6  # steps were shared
+
+
+def test_a_long_prefill_is_chunked_between_the_others_tokens(runtime_built, single):
+    """With 8 rows a step, a new 60-position prompt takes several steps, and a sequence already
+    generating gets a token at each of them instead of waiting for the whole prefill."""
+    from server_testkit import gated
+
+    from cxrlite.runtime import LlamaCppBackend
+
+    bundle = single.bundle
+    llm = LlamaCppBackend(bundle.variant_file("llm", "gguf-f32"), "gguf-f32", n_ctx=256,
+                          n_threads=1, slots=2, n_batch=8)  # fmt: skip
+    runtime = Runtime(bundle, single.vision, llm, single.tokenizer)
+    try:
+        long_prompt = ("Describe the findings " * 8).strip()
+        image = random_pixels(70)
+        first = runtime.generate(QUESTIONS[0], None, max_tokens=40)
+        events = iter(first)
+        with gated(runtime, free_steps=2) as gate, ThreadPoolExecutor(1) as pool:
+            got = [next(events).token_id for _ in range(3)]
+            assert gate.stepping.wait(30)  # the first sequence is held between two tokens
+            steps = runtime.engine.steps
+            second = pool.submit(runtime.complete, long_prompt, image, max_tokens=4)
+            while runtime.engine.waiting == 0 and not second.done():
+                threading.Event().wait(0.005)
+            gate.gate.set()  # the second joins at the next step
+            got += [e.token_id for e in events if e.token_id is not None]
+            second = second.result()
+        shared_steps = runtime.engine.steps - steps
+        n_prefill = second.usage["prompt_tokens"] - second.timings["prompt_cached_tokens"]
+        alone_steps = (len(got) - 3) + -(-n_prefill // 8) + len(second.tokens)
+        assert n_prefill > 40 and shared_steps < alone_steps  # the prefill chunks shared steps
+        assert got == single.complete(QUESTIONS[0], None, max_tokens=40).tokens
+        assert second.tokens == single.complete(long_prompt, image, max_tokens=4).tokens
+    finally:
+        runtime.close()

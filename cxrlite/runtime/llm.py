@@ -93,6 +93,7 @@ class LlamaCppBackend:
         flash_attn: bool | None = None,
         state_cache_bytes: int | None = None,
         slots: int = 1,
+        n_batch: int = 512,
     ) -> None:
         from cxrlite.runtime.llamacpp import (
             DEFAULT_STATE_CACHE_BYTES,
@@ -116,6 +117,7 @@ class LlamaCppBackend:
                 DEFAULT_STATE_CACHE_BYTES if state_cache_bytes is None else state_cache_bytes
             ),
             n_seq=slots,
+            n_batch=n_batch,
         )
         llm = self.llm
         self.n_ctx, self.n_vocab, self.n_batch = llm.n_ctx, llm.n_vocab, llm.n_batch
