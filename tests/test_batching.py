@@ -185,7 +185,9 @@ def test_vision_batcher_runs_waiting_images_together():
     images = [np.full((1, 2, 2), i, np.float32) for i in range(6)]
     keys = [f"k{i}" for i in range(5)] + ["k0"]  # the last one repeats the first
     with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(batcher.encode, img, key) for img, key in zip(images, keys, strict=True)]
+        futures = [
+            pool.submit(batcher.encode, img, key) for img, key in zip(images, keys, strict=True)
+        ]
         while sum(calls) < 1:
             threading.Event().wait(0.01)
         gate.set()
@@ -215,8 +217,7 @@ def test_the_server_runs_a_worker_per_slot_and_batches_requests(single, batched)
 
     images = [phantom_png(60 + i) for i in range(3)] + [None] * 3
     want = [
-        single.complete("Describe the findings.", image, max_tokens=TOKENS).text
-        for image in images
+        single.complete("Describe the findings.", image, max_tokens=TOKENS).text for image in images
     ]
     app = create_app(batched)
     steps = batched.engine.steps
