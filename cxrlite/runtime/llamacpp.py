@@ -152,6 +152,11 @@ class LlamaCppLLM:
             )
         model_params = lib.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
+        # No CPU weight repacking: repacked layouts take a GEMM kernel for several rows and a
+        # GEMV for one, which round differently, so a sequence's tokens would depend on what
+        # else shares its decode step. With the plain layout every row takes the same kernel:
+        # batched greedy output is identical to unbatched (and prefill is not slower on AVX2).
+        model_params.use_extra_bufts = False
         self._model = lib.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self._model:
             raise LlamaCppError(f"{self.path}: llama.cpp could not load this GGUF (see DEBUG log)")
