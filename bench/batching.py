@@ -10,7 +10,8 @@ Each workload (a bundle, or a random-weight `--shape` build) runs text-only requ
 server, then image requests (each its own picture: `--distinct-images`) on the cxrlite servers
 (llama-server needs an mmproj made by llama.cpp's converter, which reads published layouts, not
 cxrlite's vision tower). One server at a time, all levels per start, greedy, a fixed
-`--max-tokens`. Output: batching.json (with the environment), batching.md and a terminal table:
+`--max-tokens`; llama-server with `--no-repack` (the weight layout cxrlite's runtime loads by
+default: batch-invariant kernels) unless `--no-batch-invariant` is given to both. Output: batching.json (with the environment), batching.md and a terminal table:
 tokens/s, requests/s, TTFT p50/p99, latency p50/p99 and errors per server and level, then the
 verdicts: cxrlite's 4-client/1-client token-throughput scaling >= 0.9x llama-server's, its
 tokens/s >= 0.9x llama-server's at every level, its p99 TTFT at the highest level no worse than
@@ -54,10 +55,11 @@ def _spec(server: str, bundle: Path, threads: int, parallel: int, options: dict)
         return cxrlite_spec(bundle, free_port(), threads, source=options["before_src"],
                             name="before")  # fmt: skip
     if server == "cxrlite":
-        return cxrlite_spec(bundle, free_port(), threads, parallel=parallel)
+        return cxrlite_spec(bundle, free_port(), threads, parallel=parallel,
+                            batch_invariant=not options["repack"])  # fmt: skip
     llm = bundle_llm(bundle)
     return llama_server_spec(options["llama_server"], llm.gguf, free_port(), threads, llm.n_ctx,
-                             parallel=parallel)  # fmt: skip
+                             parallel=parallel, no_repack=not options["repack"])  # fmt: skip
 
 
 def _servers(kind: str, options: dict) -> list[str]:
@@ -85,6 +87,8 @@ def run_batching(
     warmup: int = 2,
     start_timeout: float = 300.0,
     request_timeout: float = 600.0,
+    kinds: Sequence[str] = ("text", "image"),
+    batch_invariant: bool = True,
 ) -> dict[str, Any]:
     """Every workload x request kind x server (module docs); the rows and the verdicts."""
     from cxrlite.bench.loadtest import run_loadtest
@@ -93,10 +97,11 @@ def run_batching(
     if not concurrency or min(concurrency) < 1 or requests < 1 or max_tokens < 1:
         raise ServerCompareError("concurrency levels, requests and max_tokens must be >= 1")
     env = environment()
-    options = {"before_src": before_src, "llama_server": llama_server}
+    options = {"before_src": before_src, "llama_server": llama_server,
+               "repack": not batch_invariant}  # fmt: skip
     runs = []
     for name, bundle in workloads:
-        for kind in ("text", "image") if image else ("text",):
+        for kind in [k for k in kinds if k == "text" or image]:
             for server in _servers(kind, options):
                 spec = _spec(server, bundle, threads, parallel, options)
                 log = out_dir / f"{name}-{kind}-{server}.log"
@@ -114,7 +119,8 @@ def run_batching(
                              "command": spec.command, "levels": result["levels"]})  # fmt: skip
     settings = {"concurrency": list(concurrency), "requests_per_level": requests,
                 "max_tokens": max_tokens, "threads": threads, "parallel": parallel,
-                "image": image, "prompt": prompt, "warmup": warmup,
+                "image": image, "prompt": prompt, "warmup": warmup, "kinds": list(kinds),
+                "batch_invariant": batch_invariant,
                 "before_src": str(before_src) if before_src else None,
                 "llama_server": str(llama_server) if llama_server else None}  # fmt: skip
     verdicts = judge(runs, concurrency, max_tokens)
@@ -232,6 +238,10 @@ def markdown(result: dict[str, Any]) -> str:
               default=None, help="llama.cpp's llama-server binary (cxrlite bench llama-server).")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Also send image requests, each this picture with one pixel changed.")
+@click.option("--kinds", type=click.Choice(["text", "image", "text,image"]), default="text,image",
+              show_default=True, help="Request kinds to run (image ones need --image).")
+@click.option("--batch-invariant/--no-batch-invariant", default=True, show_default=True,
+              help="cxrlite's setting of the same name; llama-server gets --no-repack with it.")
 @click.option("--parallel", type=click.IntRange(1), default=4, show_default=True,
               help="cxrlite's --parallel and llama-server's -np.")
 @click.option("--threads", type=click.IntRange(1), default=2, show_default=True,
@@ -246,7 +256,8 @@ def markdown(result: dict[str, Any]) -> str:
 @click.pass_context
 def batching_command(ctx: click.Context, bundles: tuple[Path, ...], shapes: tuple[str, ...],
                      llm_variant: str, before_src: Path | None, llama_server: Path | None,
-                     image: str | None, parallel: int, threads: int, concurrency: str,
+                     image: str | None, kinds: str, batch_invariant: bool, parallel: int,
+                     threads: int, concurrency: str,
                      requests: int, max_tokens: int, warmup: int, out: Path) -> None:
     """Continuous batching side by side: cxrlite before (--before-src), cxrlite now and
     llama-server, same GGUF and threads, 1-8 clients (module docs). Exit code 0 when every
@@ -267,6 +278,7 @@ def batching_command(ctx: click.Context, bundles: tuple[Path, ...], shapes: tupl
             workloads, out, concurrency=int_list(concurrency, "--concurrency"),
             requests=requests, max_tokens=max_tokens, threads=threads, parallel=parallel,
             image=image, before_src=before_src, llama_server=llama_server, warmup=warmup,
+            kinds=kinds.split(","), batch_invariant=batch_invariant,
         )
         write_json(out / "batching.json", result)
         atomic_write_text(out / "batching.md", markdown(result))

@@ -163,6 +163,7 @@ def cxrlite_spec(
     parallel: int | None = None,
     source: str | Path | None = None,
     name: str = "cxrlite",
+    batch_invariant: bool = True,
 ) -> ServerSpec:
     """`cxrlite serve`, with `parallel` slots; `source` runs another checkout of cxrlite (its
     folder first on PYTHONPATH), e.g. the commit before a change, for a before/after table."""
@@ -172,6 +173,8 @@ def cxrlite_spec(
         command += ["--llm-variant", llm_variant]
     if parallel is not None:
         command += ["--parallel", str(parallel)]
+    if not batch_invariant:
+        command += ["--no-batch-invariant"]
     env = {"PYTHONPATH": str(Path(source).resolve())} if source is not None else None
     return ServerSpec(name, command, port, "/health", env)
 
@@ -197,6 +200,7 @@ def llama_server_spec(
     *,
     mmproj: str | Path | None = None,
     parallel: int = 1,
+    no_repack: bool = False,
 ) -> ServerSpec:
     """llama.cpp's own C++ server (the path Ollama takes), with the vision tower as an mmproj
     and `parallel` slots decoded together. -c is the total over slots, so each slot gets n_ctx;
@@ -208,6 +212,8 @@ def llama_server_spec(
                "--flash-attn", "on", "--no-webui"]  # fmt: skip
     if mmproj is not None:
         command += ["--mmproj", str(mmproj)]
+    if no_repack:  # the plain weight layout, as cxrlite's runtime loads it
+        command += ["--no-repack"]
     return ServerSpec("llama_cpp", command, port, "/health")
 
 

@@ -28,6 +28,7 @@ class RuntimeOptions:
     n_gpu_layers: int | None
     threads: int | None
     slots: int | None
+    batch_invariant: bool
     checkpoint: Path | None
 
     def open(self, bundle_dir: Path, **kwargs: Any) -> Runtime:
@@ -78,6 +79,14 @@ _RUNTIME_OPTIONS = [
         default=None,
         help="Sequences the LLM decodes together (llama.cpp; continuous batching); default: "
         f"{DEFAULT_SLOTS_CPU} on a CPU, {DEFAULT_SLOTS_GPU} on a GPU.",
+    ),
+    click.option(
+        "--batch-invariant/--no-batch-invariant",
+        default=True,
+        show_default=True,
+        help="A request's output is the same alone or batched with others (llama.cpp on a CPU: "
+        "weights in the plain layout); --no-batch-invariant lets llama.cpp repack them for "
+        "faster CPU kernels whose rounding depends on the batch.",
     ),
     click.option(
         "--checkpoint",

@@ -129,6 +129,7 @@ class Runtime:
         prefix_cache: bool = True,
         device: str | None = None,
         slots: int | None = 1,
+        batch_invariant: bool = True,
     ) -> Runtime:
         """Open a bundle with backends chosen from its defaults and this machine (see
         cxrlite.runtime.plan), each overridable. `n_gpu_layers` None offloads every layer when
@@ -139,7 +140,10 @@ class Runtime:
         `device` is where the PyTorch backends (torch reference, GPTQ) run: None picks CUDA when
         present (cxrlite.device.resolve_device). `slots`: sequences the llama.cpp backend decodes
         together (continuous batching; the PyTorch backends have one); None chooses from the
-        machine, as `threads` None does (cxrlite.runtime.plan.plan_slots, plan_threads)."""
+        machine, as `threads` None does (cxrlite.runtime.plan.plan_slots, plan_threads).
+        `batch_invariant` (llama.cpp on a CPU): a request's output is the same whatever else is
+        decoded with it; False lets llama.cpp repack weights for faster CPU kernels whose
+        rounding depends on the batch."""
         from cxrlite.model.tokenizer import load_tokenizer
 
         bundle = load_bundle(bundle_dir, verify=verify)
@@ -186,6 +190,7 @@ class Runtime:
             reference_llm=getattr(reference, "llm", None),
             device=torch_device,
             slots=slots,
+            batch_invariant=batch_invariant,
         )
         runtime = cls(
             bundle,

@@ -137,6 +137,7 @@ class LlamaCppLLM:
         flash_attn: bool | None = None,
         state_cache_bytes: int = 0,
         n_seq: int = 1,
+        batch_invariant: bool = True,
     ) -> None:
         self._llama_cpp = lib = import_llama_cpp()
         self.path = Path(gguf_path)
@@ -152,11 +153,12 @@ class LlamaCppLLM:
             )
         model_params = lib.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
-        # No CPU weight repacking: repacked layouts take a GEMM kernel for several rows and a
-        # GEMV for one, which round differently, so a sequence's tokens would depend on what
-        # else shares its decode step. With the plain layout every row takes the same kernel:
-        # batched greedy output is identical to unbatched (and prefill is not slower on AVX2).
-        model_params.use_extra_bufts = False
+        # Batch invariance: no CPU weight repacking. Repacked layouts take a GEMM kernel for
+        # several rows and a GEMV for one, which round differently, so a sequence's tokens would
+        # depend on what else shares its decode step. With the plain layout every row takes the
+        # same kernel: a request's output is the same alone or batched (the same study gives
+        # the same draft under any load), for slower single-sequence decoding on some CPUs.
+        model_params.use_extra_bufts = not batch_invariant
         self._model = lib.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self._model:
             raise LlamaCppError(f"{self.path}: llama.cpp could not load this GGUF (see DEBUG log)")

@@ -94,6 +94,7 @@ class LlamaCppBackend:
         state_cache_bytes: int | None = None,
         slots: int = 1,
         n_batch: int = 512,
+        batch_invariant: bool = True,
     ) -> None:
         from cxrlite.runtime.llamacpp import (
             DEFAULT_STATE_CACHE_BYTES,
@@ -118,6 +119,7 @@ class LlamaCppBackend:
             ),
             n_seq=slots,
             n_batch=n_batch,
+            batch_invariant=batch_invariant,
         )
         llm = self.llm
         self.n_ctx, self.n_vocab, self.n_batch = llm.n_ctx, llm.n_vocab, llm.n_batch
@@ -125,7 +127,7 @@ class LlamaCppBackend:
         self.threads = llm.n_threads
         self.settings = {
             "n_gpu_layers": n_gpu_layers, "kv_type": kv_type, "flash_attn": flash_attn,
-            "slots": self.slots, "threads": self.threads,
+            "slots": self.slots, "threads": self.threads, "batch_invariant": batch_invariant,
         }  # fmt: skip
         # The engine's contract, straight through to LlamaCppLLM.
         self.parse, self.shared_prefix, self.decode = llm.parse, llm.shared_prefix, llm.decode
@@ -316,6 +318,7 @@ def open_llm(
     reference_llm: Any = None,
     device: Any = None,
     slots: int = 1,
+    batch_invariant: bool = True,
 ) -> LLMBackend:
     """The backend for a plan `Choice` (cxrlite.runtime.plan); `reference_llm` is the reference
     model's LLM for the torch backend; a GPTQ model loads on `device` (a torch device)."""
@@ -339,4 +342,5 @@ def open_llm(
         kv_type=kv_type,
         flash_attn=flash_attn,
         slots=slots,
+        batch_invariant=batch_invariant,
     )
