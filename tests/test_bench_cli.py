@@ -25,7 +25,7 @@ def test_help_lists_every_tool_with_one_line_each():
     commands = result.output.split("Commands:\n", 1)[1].splitlines()
     assert [line.split()[0] for line in commands if line.strip()] == list(TOOLS)
     tools = {"latency", "compare", "mmproj", "soak", "load", "llama", "bandwidth", "vision"}
-    assert tools | {"labeler", "dicom"} == set(TOOLS)
+    assert tools | {"labeler", "dicom", "batching", "llama-server"} == set(TOOLS)
 
 
 @pytest.mark.parametrize("tool", list(TOOLS))

@@ -1,7 +1,7 @@
 """`cxrlite bench`: the benchmarks, one subcommand per tool.
 
     cxrlite bench BUNDLE [options]           # = cxrlite bench latency BUNDLE: per-phase latency
-    cxrlite bench compare|soak|load|llama|bandwidth|vision|labeler|dicom ...
+    cxrlite bench compare|batching|llama-server|soak|load|llama|bandwidth|vision|labeler|dicom ...
 
 A first argument that is not a subcommand's name goes to `latency`, so `cxrlite bench BUNDLE`
 (and `cxrlite bench --shape 1b`) work as they always did. A bundle folder named like a
@@ -41,12 +41,12 @@ TOOLS = {
     "batching": (
         "cxrlite.bench.batching",
         "batching_command",
-        "Continuous batching: cxrlite before/after vs llama-server, 1-8 clients.",
+        "Batching: cxrlite before/after vs llama-server.",
     ),
     "llama-server": (
         "cxrlite.bench.llama_server",
         "llama_server_command",
-        "Build (once) llama.cpp's C++ llama-server, the performance peer.",
+        "Build llama.cpp's C++ llama-server once (the peer).",
     ),
     "mmproj": (
         "cxrlite.bench.mmproj",
@@ -86,7 +86,7 @@ TOOLS = {
     "dicom": (
         "cxrlite.bench.dicom_latency",
         "dicom_command",
-        "Studies over DICOM to cxrlite: receipt-to-SR latency, throughput.",
+        "DICOM studies to cxrlite: receipt-to-SR latency, rate.",
     ),
 }
 
