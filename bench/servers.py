@@ -166,7 +166,9 @@ def cxrlite_spec(
     batch_invariant: bool = True,
 ) -> ServerSpec:
     """`cxrlite serve`, with `parallel` slots; `source` runs another checkout of cxrlite (its
-    folder first on PYTHONPATH), e.g. the commit before a change, for a before/after table."""
+    folder first on PYTHONPATH), e.g. the commit before a change, for a before/after table. Only
+    its `cxrlite/` package is taken from there: an editable install maps bench/, export/,
+    quantize/ and train/ to the installed tree, and the server imports none of them."""
     command = [sys.executable, "-m", "cxrlite.cli", "serve", str(bundle_dir), "--port", str(port),
                "--threads", str(threads)]  # fmt: skip
     if llm_variant:
