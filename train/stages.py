@@ -193,13 +193,13 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
         }
     else:
         module, loss_fn, groups, image_labels = model, _lm_loss, _parts(model), None
-        label_weight = stage.loss_weight("report_labels") if stage.objective == "instruction" else 0
-        if label_weight > 0:
+        label_weights = _weights(stage) if stage.objective == "instruction" else {}
+        if any(w > 0 for w in label_weights.values()):
             module, loss_fn = (
-                InstructionWithLabels(model, label_weight).to(ctx.device),
+                InstructionWithLabels(model, label_weights).to(ctx.device),
                 _module_loss,
             )
-            groups["llm"] += list(module.label_head.parameters())  # dropped after the stage
+            groups["llm"] += list(module.heads.parameters())  # dropped after the stage
             image_labels = {
                 s.image: report_label_targets(s.narrative)
                 for split in ("train", "validate")
