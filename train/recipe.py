@@ -44,6 +44,9 @@ class StageDef:
     tasks: dict[str, float] = field(default_factory=dict)  # instruction task -> mix weight
     warmup_frac: float = 0.05
     loss_weights: dict[str, float] = field(default_factory=dict)  # term -> weight (LOSS_TERMS)
+    # CheXpert observation -> repeat factor of the records of studies positive for it
+    # (balanced sampling of rare findings, train/balance.py); empty: every record once.
+    positive_boost: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:

@@ -21,6 +21,7 @@ from cxrlite.model.config import ModelConfig
 from cxrlite.model.tokenizer import bind_tokenizer, build_tokenizer
 from cxrlite.model.vision import select_features
 from cxrlite.model.vlm import CXRVLM
+from cxrlite.train.balance import oversample_positives
 from cxrlite.train.data import (
     ImageStore,
     ImageTextDataset,
@@ -205,7 +206,10 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
                 for split in ("train", "validate")
                 for s in ctx.splits[split]
             }
-        mix = task_mix(_records(ctx, stage, "train"), stage.tasks, seed=ctx.seed)
+        pool = oversample_positives(
+            _records(ctx, stage, "train"), ctx.splits["train"], stage.positive_boost, ctx.seed
+        )
+        mix = task_mix(pool, stage.tasks, seed=ctx.seed)
         train = InstructionDataset(
             mix, images, tokenizer, cfg.n_image_tokens, max_len, image_labels
         )
