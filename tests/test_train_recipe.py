@@ -199,7 +199,7 @@ def test_loss_weights_are_checked_and_weigh_the_terms() -> None:
         StageDef(0, "t", "text_lm", {"llm": 1e-3}, 2, 2, loss_weights={"caption": 1.0})
     cfg = get_preset("tiny").vision
     torch.manual_seed(0)
-    vision, text = build_vision(cfg), TextSide(64, cfg, max_len=16)
+    vision, text = build_vision(cfg), TextSide(64, cfg, max_len=16, local_labels=True)
     batch = {
         "pixels": torch.randn(2, 1, cfg.image_size, cfg.image_size),
         "input_ids": torch.randint(4, 64, (2, 8)),
@@ -208,7 +208,7 @@ def test_loss_weights_are_checked_and_weigh_the_terms() -> None:
         "report_label_mask": torch.ones(2, 14),
     }
     batch["labels"] = batch["input_ids"]
-    weights = {"contrastive": 0.5, "caption": 2.0, "report_labels": 5.0}
+    weights = {"contrastive": 0.5, "caption": 2.0, "report_labels": 5.0, "report_labels_local": 3.0}
     out = VisionPretrainer(vision, cfg, text, weights)(**batch)
     total = sum(weights[k] * out[k] for k in weights)
     assert torch.isclose(out["loss"], total, rtol=1e-6)

@@ -13,7 +13,12 @@ OBJECTIVES = ("text_lm", "vision_pretrain", "bridger_caption", "instruction")
 # Terms of the multi-term objectives and their default weights (the others have a single loss).
 # Stage 3's report-label terms (train/label_aux.py) are off unless a stage weighs them.
 LOSS_TERMS: dict[str, dict[str, float]] = {
-    "vision_pretrain": {"contrastive": 1.0, "caption": 1.0, "report_labels": 1.0},
+    "vision_pretrain": {
+        "contrastive": 1.0,
+        "caption": 1.0,
+        "report_labels": 1.0,
+        "report_labels_local": 0.0,
+    },
     "instruction": {"report_labels": 0.0, "answer_start_labels": 0.0},
 }
 

@@ -181,7 +181,8 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
         )
         groups = _parts(model)
     elif stage.objective == "vision_pretrain":
-        text = TextSide(len(tokenizer), cfg.vision, max_len=max_len, pad_id=pad)
+        local = stage.loss_weight("report_labels_local") > 0
+        text = TextSide(len(tokenizer), cfg.vision, max_len=max_len, pad_id=pad, local_labels=local)
         module, loss_fn = (
             VisionPretrainer(model.vision, cfg.vision, text, _weights(stage)).to(ctx.device),
             _module_loss,
