@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxrlite.data.labels import CHEXPERT_OBSERVATIONS
+from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, CORE_FINDINGS
 from cxrlite.model.config import VisionConfig
 from cxrlite.model.vision import select_features
 
@@ -180,3 +180,25 @@ class VisionPretrainer(nn.Module):
             )
             loss = loss + w["report_labels_local"] * terms["report_labels_local"]
         return {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
+
+
+@torch.no_grad()
+def report_label_f1(module: VisionPretrainer, dataset, pad_id: int, device: torch.device) -> float:
+    """Stage 1's visual learning signal: macro-F1 over the core findings of the report-label head
+    on held-out images (what the vision encoder can already tell apart)."""
+    from cxrlite.eval.metrics import f1_from_matrices
+    from cxrlite.train.data import collate
+
+    training = module.training
+    module.eval()
+    preds, targets = [], []
+    for start in range(0, len(dataset), 16):
+        b = collate([dataset[i] for i in range(start, min(start + 16, len(dataset)))], pad_id)
+        outputs = module.vision(pixel_values=b["pixels"].to(device), output_hidden_states=True)
+        patches = select_features(module.vision, outputs, module.vision_cfg)
+        preds.append(report_label_logits(module.text.label_head, patches).cpu() > 0)
+        targets.append(b["report_labels"] > 0.5)
+    module.train(training)
+    columns = [CHEXPERT_OBSERVATIONS.index(obs) for obs in CORE_FINDINGS]
+    pred, target = torch.cat(preds)[:, columns], torch.cat(targets)[:, columns]
+    return f1_from_matrices(pred.numpy(), target.numpy())["macro_f1"]
