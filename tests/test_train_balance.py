@@ -46,3 +46,13 @@ def test_oversampling_repeats_whole_studies_deterministically():
 def test_boost_below_one_is_refused():
     with pytest.raises(ValueError, match=">= 1"):
         oversample_positives([], [], {"Edema": 0.5})
+
+
+def test_only_the_given_tasks_are_boosted():
+    studies = [_study("normal"), _study("eff", Pleural_Effusion="y")]
+    records = build_tasks(studies, tasks=["findings_generation", "view_classification"])
+    pool = oversample_positives(records, studies, BOOST, seed=1, tasks=["findings_generation"])
+    per_task = Counter((r.id.rsplit(":", 2)[0], r.task) for r in pool)
+    assert per_task[("eff", "findings_generation")] == 3
+    assert per_task[("eff", "view_classification")] == 1  # the view task keeps its distribution
+    assert per_task[("normal", "findings_generation")] == 1

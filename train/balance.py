@@ -12,7 +12,7 @@ of each task a stage sees.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from cxrlite.data.labels import POSITIVE
 from cxrlite.data.records import Study, TaskRecord
@@ -31,10 +31,13 @@ def oversample_positives(
     studies: Sequence[Study],
     boost: dict[str, float],
     seed: int = 0,
+    tasks: Collection[str] | None = None,
 ) -> list[TaskRecord]:
     """The records, each repeated its study's `study_repeats` times: the whole part always, the
     fractional part with that probability (a stream per record, so the pool is the same in every
-    run and on every rank)."""
+    run and on every rank). With `tasks`, only those tasks' records are repeated: the others
+    keep the studies' own distribution (a view task would otherwise learn that sick patients
+    are AP)."""
     if not boost:
         return list(records)
     if any(not w >= 1 for w in boost.values()):
@@ -43,6 +46,8 @@ def oversample_positives(
     pool = []
     for record in records:
         factor = repeats.get(record.id.rsplit(":", 2)[0], 1.0)
+        if tasks is not None and record.task not in tasks:
+            factor = 1.0
         whole = int(factor)
         extra = random.Random(f"oversample:{seed}:{record.id}").random() < factor - whole
         pool.extend([record] * (whole + extra))

@@ -52,6 +52,8 @@ class StageDef:
     # CheXpert observation -> repeat factor of the records of studies positive for it
     # (balanced sampling of rare findings, train/balance.py); empty: every record once.
     positive_boost: dict[str, float] = field(default_factory=dict)
+    # The tasks whose records the boost repeats (None: every task's).
+    boost_tasks: tuple[str, ...] | None = ("findings_generation",)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -83,11 +85,12 @@ class StageDef:
 # Four departures from CheXagent's table, each measured on held-out phantoms
 # (docs/training-experiments.md): the report-label term weighs 5x in stage 1; stage 3 also
 # fine-tunes the ViT at a fifth of the LLM's rate; stage 3 adds the report-label term on the
-# LLM's image positions (train/label_aux.py); and stage 3 sees the studies with a local finding
-# twice as often (train/balance.py), so an unsure model does not settle on the negative prior at
-# the findings checklist. CheXagent starts from a ViT pretrained on a million images and can keep
-# it frozen; a ViT trained from scratch on a few thousand gets its sharpest label signal from the
-# instruction answers.
+# LLM's image positions (train/label_aux.py); and stage 3's findings task sees the studies with a
+# local finding twice as often (train/balance.py), so an unsure model does not settle on the
+# negative prior at the findings checklist (the findings task only: boosting every task's moved
+# the view prior, sick phantoms being more often AP). CheXagent starts from a ViT pretrained on a
+# million images and can keep it frozen; a ViT trained from scratch on a few thousand gets its
+# sharpest label signal from the instruction answers.
 # fmt: off
 CHEXAGENT = (
     StageDef(0, "clinical-llm", "text_lm", {"vision": 0.0, "bridger": 0.0, "llm": 2e-3},

@@ -184,7 +184,11 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
                 for s in ctx.splits[split]
             }
         pool = oversample_positives(
-            _records(ctx, stage, "train"), ctx.splits["train"], stage.positive_boost, ctx.seed
+            _records(ctx, stage, "train"),
+            ctx.splits["train"],
+            stage.positive_boost,
+            ctx.seed,
+            tasks=stage.boost_tasks,
         )
         mix = task_mix(pool, stage.tasks, seed=ctx.seed)
         train = InstructionDataset(
