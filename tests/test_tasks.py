@@ -23,16 +23,20 @@ from cxrlite.data.labels import (
 from cxrlite.data.prompts import FINDINGS_PROMPTS
 from cxrlite.data.records import Study, TaskRecord
 from cxrlite.data.tasks import (
+    CHECKLIST_TERMS,
     NONE_OF_THESE,
     OBSERVATION_TERMS,
     TASKS,
     build_tasks,
+    findings_answer,
+    findings_checklist,
     holdout,
     read_tasks,
     task_mix,
     word_difference,
     write_tasks,
 )
+from cxrlite.eval.labeler import label_report
 
 TERM_TO_OBS = {term: obs for obs, term in OBSERVATION_TERMS.items()}
 
@@ -126,12 +130,31 @@ def test_report_text_tasks():
     study = _sick_phantom()
     tasks = _by_task(build_tasks([study, _normal_study()]))
     (gen,) = tasks["findings_generation"]
-    assert gen.answer == study.findings and gen.prompt in FINDINGS_PROMPTS and gen.options is None
+    checklist = "Cardiomegaly. Pleural effusion. Pneumothorax. Consolidation. Possible edema."
+    assert gen.answer == f"{checklist} {study.findings}"
+    assert gen.prompt in FINDINGS_PROMPTS and gen.options is None
     (imp,) = tasks["impression_generation"]
     assert imp.answer == study.impression
     (summary,) = tasks["findings_summarization"]
-    assert study.findings in summary.prompt and summary.answer == study.impression
+    assert gen.answer in summary.prompt and summary.answer == study.impression
     assert summary.images == []
+
+
+def test_findings_checklist_states_each_core_finding_as_labelled():
+    assert findings_checklist(_normal_study()) == (
+        "No cardiomegaly. No pleural effusion. No pneumothorax. No consolidation. No edema."
+    )
+    # Findings the labels do not mention are left out, not stated absent.
+    assert findings_checklist(_uncertain_study()) == "Possible pleural effusion. Possible edema."
+    assert findings_answer(_uncertain_study()) == "Possible pleural effusion. Possible edema. Hazy."
+
+
+def test_report_labeler_reads_the_checklist_as_its_labels():
+    for study in (_sick_phantom(), _normal_study(), _uncertain_study()):
+        read = label_report(findings_checklist(study))
+        for obs in CHECKLIST_TERMS:
+            stated = study.chexpert[obs]
+            assert read[obs] == stated, (obs, stated, read[obs])
 
 
 def test_view_classification_only_for_frontal_views():

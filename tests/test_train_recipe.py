@@ -199,7 +199,7 @@ def test_loss_weights_are_checked_and_weigh_the_terms() -> None:
         StageDef(0, "t", "text_lm", {"llm": 1e-3}, 2, 2, loss_weights={"caption": 1.0})
     cfg = get_preset("tiny").vision
     torch.manual_seed(0)
-    vision, text = build_vision(cfg), TextSide(64, cfg, max_len=16)
+    vision, text = build_vision(cfg), TextSide(64, cfg, max_len=16, local_labels=True)
     batch = {
         "pixels": torch.randn(2, 1, cfg.image_size, cfg.image_size),
         "input_ids": torch.randint(4, 64, (2, 8)),
@@ -208,18 +208,19 @@ def test_loss_weights_are_checked_and_weigh_the_terms() -> None:
         "report_label_mask": torch.ones(2, 14),
     }
     batch["labels"] = batch["input_ids"]
-    weights = {"contrastive": 0.5, "caption": 2.0, "report_labels": 5.0}
+    weights = {"contrastive": 0.5, "caption": 2.0, "report_labels": 5.0, "report_labels_local": 3.0}
     out = VisionPretrainer(vision, cfg, text, weights)(**batch)
     total = sum(weights[k] * out[k] for k in weights)
     assert torch.isclose(out["loss"], total, rtol=1e-6)
 
 
-def test_instruction_report_label_term(chexagent_run) -> None:
-    """Stage 3's report-label term: answers loss + weight x label loss, read from the LLM's
-    image positions; a text-only example has its labels masked out and changes nothing."""
+def test_instruction_report_label_terms(chexagent_run) -> None:
+    """Stage 3's report-label terms: answers loss + weight x each label loss, read from the
+    LLM's image positions and from the answer's start; a text-only example has its labels
+    masked out and changes nothing."""
     from cxrlite.model.tokenizer import encode_example
     from cxrlite.train.data import collate
-    from cxrlite.train.label_aux import InstructionWithLabels
+    from cxrlite.train.label_aux import InstructionWithLabels, answer_start_states
     from cxrlite.train.text_side import N_REPORT_LABELS
 
     with pytest.raises(ValueError, match="no loss term"):
@@ -237,7 +238,10 @@ def test_instruction_report_label_term(chexagent_run) -> None:
     run, _ = chexagent_run
     model, tokenizer, cfg = load(run / CHEXAGENT[3].folder / "checkpoint")
     torch.manual_seed(0)
-    aux = InstructionWithLabels(model, weight=2.0)
+    weights = {"report_labels": 2.0, "answer_start_labels": 0.5}
+    aux = InstructionWithLabels(model, weights)
+    with pytest.raises(ValueError, match="no report-label term"):
+        InstructionWithLabels(model, {"caption": 1.0})
 
     with_image = encode_example(
         tokenizer, "View?", "PA", with_image=True, n_image_tokens=cfg.n_image_tokens
@@ -264,12 +268,21 @@ def test_instruction_report_label_term(chexagent_run) -> None:
     batch = collate(items, tokenizer.pad_token_id)
     out = aux(**batch)
     assert torch.isfinite(out["loss"])
-    assert torch.isclose(out["loss"], out["answers"] + 2.0 * out["report_labels"], rtol=1e-5)
+    total = out["answers"] + sum(w * out[term] for term, w in weights.items())
+    assert torch.isclose(out["loss"], total, rtol=1e-5)
     only_image = aux(**collate(items[:1], tokenizer.pad_token_id))
-    # the text-only row is masked: the label term is the image row's alone
-    assert torch.isclose(out["report_labels"], only_image["report_labels"], rtol=1e-4)
+    # the text-only row is masked: each label term is the image row's alone
+    for term in weights:
+        assert torch.isclose(out[term], only_image[term], rtol=1e-4)
+    # the answer-start state is the one the first answer token is predicted from
+    states = torch.arange(2 * 10 * 3).reshape(2, 10, 3).float()
+    labels = torch.full((2, 10), -100)
+    labels[0, 5:8] = 1
+    picked = answer_start_states(states, labels)
+    assert torch.equal(picked[0], states[0, 4]) and torch.equal(picked[1], states[1, 9])
     out["loss"].backward()
-    assert aux.label_head.weight.grad.abs().sum() > 0
+    for head in aux.heads.values():
+        assert head.weight.grad.abs().sum() > 0
     assert next(model.bridger.parameters()).grad is not None
 
 

@@ -11,10 +11,15 @@ from dataclasses import dataclass, field, replace
 
 OBJECTIVES = ("text_lm", "vision_pretrain", "bridger_caption", "instruction")
 # Terms of the multi-term objectives and their default weights (the others have a single loss).
-# Stage 3's report-label term (train/label_aux.py) is off unless a stage weighs it.
+# Stage 3's report-label terms (train/label_aux.py) are off unless a stage weighs them.
 LOSS_TERMS: dict[str, dict[str, float]] = {
-    "vision_pretrain": {"contrastive": 1.0, "caption": 1.0, "report_labels": 1.0},
-    "instruction": {"report_labels": 0.0},
+    "vision_pretrain": {
+        "contrastive": 1.0,
+        "caption": 1.0,
+        "report_labels": 1.0,
+        "report_labels_local": 0.0,
+    },
+    "instruction": {"report_labels": 0.0, "answer_start_labels": 0.0},
 }
 
 # Instruction task mix of stage 3 (relative weights; see cxrlite.data.tasks.TASKS).
@@ -44,6 +49,11 @@ class StageDef:
     tasks: dict[str, float] = field(default_factory=dict)  # instruction task -> mix weight
     warmup_frac: float = 0.05
     loss_weights: dict[str, float] = field(default_factory=dict)  # term -> weight (LOSS_TERMS)
+    # CheXpert observation -> repeat factor of the records of studies positive for it
+    # (balanced sampling of rare findings, train/balance.py); empty: every record once.
+    positive_boost: dict[str, float] = field(default_factory=dict)
+    # The tasks whose records the boost repeats (None: every task's).
+    boost_tasks: tuple[str, ...] | None = ("findings_generation",)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -72,12 +82,15 @@ class StageDef:
         return f"stage{self.index}-{self.name}"
 
 
-# Three departures from CheXagent's table, each measured on held-out phantoms
+# Four departures from CheXagent's table, each measured on held-out phantoms
 # (docs/training-experiments.md): the report-label term weighs 5x in stage 1; stage 3 also
-# fine-tunes the ViT at a fifth of the LLM's rate; and stage 3 adds the report-label term on the
-# LLM's image positions (train/label_aux.py). CheXagent starts from a ViT pretrained on a million
-# images and can keep it frozen; a ViT trained from scratch on a few thousand gets its sharpest
-# label signal from the instruction answers.
+# fine-tunes the ViT at a fifth of the LLM's rate; stage 3 adds the report-label term on the
+# LLM's image positions (train/label_aux.py); and stage 3's findings task sees the studies with a
+# local finding twice as often (train/balance.py), so an unsure model does not settle on the
+# negative prior at the findings checklist (the findings task only: boosting every task's moved
+# the view prior, sick phantoms being more often AP). CheXagent starts from a ViT pretrained on a
+# million images and can keep it frozen; a ViT trained from scratch on a few thousand gets its
+# sharpest label signal from the instruction answers.
 # fmt: off
 CHEXAGENT = (
     StageDef(0, "clinical-llm", "text_lm", {"vision": 0.0, "bridger": 0.0, "llm": 2e-3},
@@ -88,7 +101,8 @@ CHEXAGENT = (
              steps=300, batch_size=16, tasks={"findings_generation": 1.0}),
     StageDef(3, "instruction", "instruction", {"vision": 1e-4, "bridger": 5e-4, "llm": 5e-4},
              steps=900, batch_size=16, tasks=DEFAULT_TASK_RATIOS,
-             loss_weights={"report_labels": 1.0}),
+             loss_weights={"report_labels": 1.0},
+             positive_boost={"Pleural Effusion": 2.0, "Pneumothorax": 2.0, "Consolidation": 2.0}),
 )
 
 # LLaVA-Rad: align the projector on captions, then projector + LoRA on the LLM.

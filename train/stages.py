@@ -19,8 +19,8 @@ from cxrlite.fileio import write_json
 from cxrlite.model.checkpoint import CONFIG_FILE, load, save
 from cxrlite.model.config import ModelConfig
 from cxrlite.model.tokenizer import bind_tokenizer, build_tokenizer
-from cxrlite.model.vision import select_features
 from cxrlite.model.vlm import CXRVLM
+from cxrlite.train.balance import oversample_positives
 from cxrlite.train.data import (
     ImageStore,
     ImageTextDataset,
@@ -33,7 +33,7 @@ from cxrlite.train.engine import train_stage
 from cxrlite.train.label_aux import InstructionWithLabels
 from cxrlite.train.recipe import LOSS_TERMS, StageDef
 from cxrlite.train.spec import StageSpec
-from cxrlite.train.text_side import TextSide, VisionPretrainer
+from cxrlite.train.text_side import TextSide, VisionPretrainer, report_label_f1
 
 logger = logging.getLogger(__name__)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -133,29 +133,6 @@ def _records(ctx: StageContext, stage: StageDef, split: str) -> list[TaskRecord]
     return [r for r in ctx.records if r.split == split and r.task in stage.tasks]
 
 
-@torch.no_grad()
-def _report_label_f1(module: torch.nn.Module, dataset, pad_id: int, device: torch.device) -> float:
-    """Stage 1's visual learning signal: macro-F1 over the core findings of the report-label head
-    on held-out images (what the vision encoder can already tell apart)."""
-    from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, CORE_FINDINGS
-    from cxrlite.eval.metrics import f1_from_matrices
-    from cxrlite.train.text_side import report_label_logits
-
-    training = module.training
-    module.eval()
-    preds, targets = [], []
-    for start in range(0, len(dataset), 16):
-        b = collate([dataset[i] for i in range(start, min(start + 16, len(dataset)))], pad_id)
-        outputs = module.vision(pixel_values=b["pixels"].to(device), output_hidden_states=True)
-        patches = select_features(module.vision, outputs, module.vision_cfg)
-        preds.append(report_label_logits(module.text.label_head, patches).cpu() > 0)
-        targets.append(b["report_labels"] > 0.5)
-    module.train(training)
-    columns = [CHEXPERT_OBSERVATIONS.index(obs) for obs in CORE_FINDINGS]
-    pred, target = torch.cat(preds)[:, columns], torch.cat(targets)[:, columns]
-    return f1_from_matrices(pred.numpy(), target.numpy())["macro_f1"]
-
-
 def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict[str, Any]:
     stage_dir = ctx.out / stage.folder
     ckpt_dir = stage_dir / "checkpoint"
@@ -180,7 +157,8 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
         )
         groups = _parts(model)
     elif stage.objective == "vision_pretrain":
-        text = TextSide(len(tokenizer), cfg.vision, max_len=max_len, pad_id=pad)
+        local = stage.loss_weight("report_labels_local") > 0
+        text = TextSide(len(tokenizer), cfg.vision, max_len=max_len, pad_id=pad, local_labels=local)
         module, loss_fn = (
             VisionPretrainer(model.vision, cfg.vision, text, _weights(stage)).to(ctx.device),
             _module_loss,
@@ -193,19 +171,26 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
         }
     else:
         module, loss_fn, groups, image_labels = model, _lm_loss, _parts(model), None
-        label_weight = stage.loss_weight("report_labels") if stage.objective == "instruction" else 0
-        if label_weight > 0:
+        label_weights = _weights(stage) if stage.objective == "instruction" else {}
+        if any(w > 0 for w in label_weights.values()):
             module, loss_fn = (
-                InstructionWithLabels(model, label_weight).to(ctx.device),
+                InstructionWithLabels(model, label_weights).to(ctx.device),
                 _module_loss,
             )
-            groups["llm"] += list(module.label_head.parameters())  # dropped after the stage
+            groups["llm"] += list(module.heads.parameters())  # dropped after the stage
             image_labels = {
                 s.image: report_label_targets(s.narrative)
                 for split in ("train", "validate")
                 for s in ctx.splits[split]
             }
-        mix = task_mix(_records(ctx, stage, "train"), stage.tasks, seed=ctx.seed)
+        pool = oversample_positives(
+            _records(ctx, stage, "train"),
+            ctx.splits["train"],
+            stage.positive_boost,
+            ctx.seed,
+            tasks=stage.boost_tasks,
+        )
+        mix = task_mix(pool, stage.tasks, seed=ctx.seed)
         train = InstructionDataset(
             mix, images, tokenizer, cfg.n_image_tokens, max_len, image_labels
         )
@@ -233,7 +218,7 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
     def validate(m: torch.nn.Module) -> dict[str, float]:
         metrics = {"val_loss": _mean_loss(module, loss_fn, val, pad, ctx.device)}
         if stage.objective == "vision_pretrain":
-            metrics["val_report_label_f1"] = _report_label_f1(module, val, pad, ctx.device)
+            metrics["val_report_label_f1"] = report_label_f1(module, val, pad, ctx.device)
         return metrics
 
     eval_fn = validate if len(val) else None

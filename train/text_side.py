@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxrlite.data.labels import CHEXPERT_OBSERVATIONS
+from cxrlite.data.labels import CHEXPERT_OBSERVATIONS, CORE_FINDINGS
 from cxrlite.model.config import VisionConfig
 from cxrlite.model.vision import select_features
 
@@ -35,6 +35,7 @@ class TextSide(nn.Module):
         num_heads: int = 4,
         max_len: int = 512,
         pad_id: int = 0,
+        local_labels: bool = False,
     ) -> None:
         super().__init__()
         width = vision.hidden_size
@@ -59,6 +60,11 @@ class TextSide(nn.Module):
         # SigLIP's learned temperature and bias, initialised as in the paper (t = 10, b = -10).
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        # Only when weighed, and last: without it a run draws the same random numbers as before.
+        self.local_label_head = None
+        if local_labels:
+            n_patches = (vision.image_size // vision.patch_size) ** 2
+            self.local_label_head = nn.Linear(n_patches * width, N_REPORT_LABELS)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.tokens(ids) + self.positions(torch.arange(ids.shape[1], device=ids.device))
@@ -98,6 +104,13 @@ def mean_max_pool(states: torch.Tensor, keep: torch.Tensor | None = None) -> tor
 
 def report_label_logits(head: nn.Linear, patches: torch.Tensor) -> torch.Tensor:
     return head(mean_max_pool(patches))
+
+
+def local_report_label_logits(head: nn.Linear, patches: torch.Tensor) -> torch.Tensor:
+    """The labels from every patch at its place (flattened): an effusion is evidence at the
+    costophrenic angle, not anywhere, and a pooled read of a ViT trained from scratch loses where
+    the evidence lies (a linear probe on the flattened patches beats one on the pooled features)."""
+    return head(patches.flatten(1))
 
 
 def report_label_loss(
@@ -159,9 +172,33 @@ class VisionPretrainer(nn.Module):
         label = report_label_loss(label_logits, report_labels, report_label_mask)
         w = self.weights
         loss = w["contrastive"] * contrastive + w["caption"] * caption + w["report_labels"] * label
-        return {
-            "loss": loss,
-            "contrastive": contrastive.detach(),
-            "caption": caption.detach(),
-            "report_labels": label.detach(),
-        }
+        terms = {"contrastive": contrastive, "caption": caption, "report_labels": label}
+        if self.text.local_label_head is not None:
+            local_logits = local_report_label_logits(self.text.local_label_head, patches)
+            terms["report_labels_local"] = report_label_loss(
+                local_logits, report_labels, report_label_mask
+            )
+            loss = loss + w["report_labels_local"] * terms["report_labels_local"]
+        return {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
+
+
+@torch.no_grad()
+def report_label_f1(module: VisionPretrainer, dataset, pad_id: int, device: torch.device) -> float:
+    """Stage 1's visual learning signal: macro-F1 over the core findings of the report-label head
+    on held-out images (what the vision encoder can already tell apart)."""
+    from cxrlite.eval.metrics import f1_from_matrices
+    from cxrlite.train.data import collate
+
+    training = module.training
+    module.eval()
+    preds, targets = [], []
+    for start in range(0, len(dataset), 16):
+        b = collate([dataset[i] for i in range(start, min(start + 16, len(dataset)))], pad_id)
+        outputs = module.vision(pixel_values=b["pixels"].to(device), output_hidden_states=True)
+        patches = select_features(module.vision, outputs, module.vision_cfg)
+        preds.append(report_label_logits(module.text.label_head, patches).cpu() > 0)
+        targets.append(b["report_labels"] > 0.5)
+    module.train(training)
+    columns = [CHEXPERT_OBSERVATIONS.index(obs) for obs in CORE_FINDINGS]
+    pred, target = torch.cat(preds)[:, columns], torch.cat(targets)[:, columns]
+    return f1_from_matrices(pred.numpy(), target.numpy())["macro_f1"]

@@ -16,6 +16,9 @@ FINDINGS_PROMPTS = (
 )
 # The one findings prompt of evaluation, reports and benchmarks.
 FINDINGS_PROMPT = FINDINGS_PROMPTS[0]
+# Room for the findings answer of evaluation and quality checks: the checklist of the core
+# findings (cxrlite.data.tasks.findings_checklist) and then the longest phantom report's prose.
+FINDINGS_MAX_TOKENS = 128
 IMPRESSION_PROMPTS = (
     "Write the impression for this chest X-ray.",
     "What is the impression of this chest radiograph?",

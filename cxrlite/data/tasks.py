@@ -25,6 +25,7 @@ from cxrlite.data.labels import (
     PNEUMOTHORAX_SIZES,
     POSITIVE,
     SIDES,
+    UNCERTAIN,
     VIEWS,
     StudyLabels,
 )
@@ -109,8 +110,47 @@ def _core_first(rng: random.Random, observations: list[str], k: int) -> list[str
 # ---------------------------------------------------------------- report text tasks
 
 
+# How the findings answer states each core finding before its prose, in this fixed order.
+CHECKLIST_TERMS: dict[str, str] = {
+    "Cardiomegaly": "cardiomegaly",
+    "Pleural Effusion": "pleural effusion",
+    "Pneumothorax": "pneumothorax",
+    "Consolidation": "consolidation",
+    "Edema": "edema",
+}
+_CHECKLIST_STATEMENT = {POSITIVE: "{}.", UNCERTAIN: "Possible {}.", NEGATIVE: "No {}."}
+
+
+def findings_checklist(study: Study) -> str:
+    """One short sentence per core finding, in CHECKLIST_TERMS order ("No cardiomegaly. Pleural
+    effusion. ..."); a finding the labels do not mention is left out.
+
+    Why: free prose spreads a positive finding's probability over many phrasings and positions,
+    so greedy decoding of an unsure model picks the one common negative phrasing. The checklist
+    puts each decision at a fixed position between two fixed alternatives ("No X." or "X."),
+    where it is as easy as a yes/no question, and the prose after it is written conditioned on
+    what the checklist stated. The report labeler reads the sentences as plain statements.
+    """
+    labels = study_chexpert(study)
+    sentences = []
+    for obs, term in CHECKLIST_TERMS.items():
+        form = _CHECKLIST_STATEMENT.get(labels.get(obs, ""))
+        if form is not None:
+            sentence = form.format(term)
+            sentences.append(sentence[0].upper() + sentence[1:])
+    return " ".join(sentences)
+
+
+def findings_answer(study: Study) -> str:
+    """The findings text the model is trained to write: the checklist, then the report's prose."""
+    checklist = findings_checklist(study)
+    return f"{checklist} {study.findings}" if checklist else study.findings
+
+
 def _findings_generation(study: Study, rng: random.Random) -> list[TaskItem]:
-    return [TaskItem(rng.choice(FINDINGS_PROMPTS), study.findings)] if study.findings else []
+    if not study.findings:
+        return []
+    return [TaskItem(rng.choice(FINDINGS_PROMPTS), findings_answer(study))]
 
 
 def _impression_generation(study: Study, rng: random.Random) -> list[TaskItem]:
@@ -122,7 +162,8 @@ def _impression_generation(study: Study, rng: random.Random) -> list[TaskItem]:
 def _findings_summarization(study: Study, rng: random.Random) -> list[TaskItem]:
     if not (study.findings and study.impression):
         return []
-    prompt = summary_prompt(study.findings, rng.choice(SUMMARY_PROMPTS))
+    # The findings as the model writes them (checklist first): the report route summarizes those.
+    prompt = summary_prompt(findings_answer(study), rng.choice(SUMMARY_PROMPTS))
     return [TaskItem(prompt, study.impression)]
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from cxrlite.data.labels import CORE_FINDINGS
-from cxrlite.data.prompts import FINDINGS_PROMPT
+from cxrlite.data.prompts import FINDINGS_MAX_TOKENS, FINDINGS_PROMPT
 from cxrlite.data.records import Study, TaskRecord
 from cxrlite.eval.labeler import label_report
 from cxrlite.eval.metrics import findings_f1
@@ -35,7 +35,7 @@ def generate_findings(
     pixels_for: PixelsFor,
     *,
     batch_size: int = 16,
-    max_new_tokens: int = 96,
+    max_new_tokens: int = FINDINGS_MAX_TOKENS,
     prompt: str = FINDINGS_PROMPT,
 ) -> list[str]:
     """Greedy findings text for each study (left-padded batches, as generation needs)."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrlite.data.labels import CORE_FINDINGS
+from cxrlite.data.prompts import FINDINGS_MAX_TOKENS
 from cxrlite.data.records import Study, TaskRecord
 from cxrlite.eval.labeler import label_report
 from cxrlite.eval.metrics import findings_f1
@@ -59,7 +60,7 @@ def run_variant(
     report_texts: Sequence[str],
     *,
     image_root: str | Path | None = None,
-    max_tokens: int = 96,
+    max_tokens: int = FINDINGS_MAX_TOKENS,
     prompt: str | None = None,
 ) -> VariantOutputs:
     """Greedy findings for each study (asked with `prompt`, else the model's own findings prompt
