@@ -418,12 +418,11 @@ class Runtime:
             embeds, cache_hit = found.embeds, found.cache_hit
             timings.update(preprocess_ms=found.preprocess_ms, vision_ms=found.vision_ms)
         ids = self.prompt_ids(prompt, with_image=image is not None)
-        n_prompt = len(ids) - 1 + self.config.n_image_tokens if image is not None else len(ids)
-        if n_prompt >= self.llm.n_ctx:
-            raise ValueError(
-                f"the prompt takes {n_prompt} positions; the context has {self.llm.n_ctx}"
-            )
         pieces, total = self.llm.parse(self.segments(ids, embeds))
+        if total >= self.llm.n_ctx:
+            raise ValueError(
+                f"the prompt takes {total} positions; the context has {self.llm.n_ctx}"
+            )
         request = SequenceRequest(
             pieces,
             total,
@@ -475,20 +474,26 @@ class Runtime:
 
         embeds = self.image_embeddings(image).embeds if image is not None else None
         segments = self.segments(self.prompt_ids(prompt, with_image=embeds is not None), embeds)
+        prompt_pieces, n_prompt = self.llm.parse(segments)  # parsed (the image hashed) once
         # One after the other: each finds the prompt's KV cache the previous one left in its
         # slot, so the prompt is decoded once and each option costs its own tokens only.
         return [
-            float(self.score(segments, encode_answer(self.tokenizer, option)).sum())
-            for option in options
+            float(self._score(prompt_pieces, n_prompt, encode_answer(self.tokenizer, o)).sum())
+            for o in options
         ]
 
     def score(self, segments: Sequence[Any], answer_ids: Sequence[int]) -> np.ndarray:
         """Each answer token's log-probability after the prompt `segments`."""
+        return self._score(*self.llm.parse(segments), answer_ids)
+
+    def _score(self, prompt: list[Any], n_prompt: int, answer_ids: Sequence[int]) -> np.ndarray:
         answer = [int(t) for t in answer_ids]
         if not answer:
             raise ValueError("score needs at least one answer token")
-        _, n_prompt = self.llm.parse(segments)
-        pieces, total = self.llm.parse([*segments, answer[:-1]] if len(answer) > 1 else segments)
+        pieces = list(prompt)
+        if len(answer) > 1:
+            pieces += self.llm.parse([answer[:-1]])[0]
+        total = n_prompt + len(answer) - 1
         if total > self.llm.n_ctx:
             raise ValueError(f"{total} positions exceed the context of {self.llm.n_ctx}")
         request = SequenceRequest(

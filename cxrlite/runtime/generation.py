@@ -4,7 +4,8 @@ A `Generation` is an iterator. Its sequence is submitted to the runtime's decode
 (cxrlite.runtime.batching) at the first `next()` and holds a slot there until the last token, so
 every Generation must be consumed to the end or closed (`with runtime.generate(...) as gen:`
 does it); a server that loses its client calls `close()` or `cancel()`. Detokenizing and stop
-strings happen here, in the consumer's thread; sampling, stop ids and `max_tokens` in the engine. The final event has `token_id=None`, the `finish_reason`, and any text held
+strings happen here, in the consumer's thread; sampling, stop ids and `max_tokens` in the engine.
+The final event has `token_id=None`, the `finish_reason`, and any text held
 back for stop strings; `gen.result` (a `Completion`) is set before it is yielded.
 """
 

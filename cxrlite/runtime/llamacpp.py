@@ -503,9 +503,6 @@ class LlamaCppLLM:
     def eval_tokens(self, token_ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         return self.eval([token_ids], all_logits)
 
-    def eval_embeddings(self, embeds: np.ndarray, all_logits: bool = False) -> np.ndarray:
-        return self.eval([np.asarray(embeds, dtype=np.float32)], all_logits)
-
     def generate_greedy(
         self, segments: Sequence[Segment], max_new_tokens: int, stop_ids: Sequence[int] = ()
     ) -> list[int]:

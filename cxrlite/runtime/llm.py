@@ -1,7 +1,7 @@
 """LLM backends: prompts of segments (token ids, and image embeddings where the image token was)
 -> logits, for the decode engine (cxrlite.runtime.batching) that batches sequences over slots.
 
-The engine's contract (`BatchDecoder`): `parse(segments)` validates a prompt into pieces,
+The engine's contract (`LLMBackend`): `parse(segments)` validates a prompt into pieces,
 `prepare(slot, ...)` keeps the KV cache of a prefix the slot already holds and drops the rest,
 `decode(items)` appends positions to several slots at once and returns the logits asked for.
 Decoding, sampling, stop handling and timing live once, in the engine and `Generation`.
