@@ -46,6 +46,7 @@ from cxrlite.bundle import (
     variant_entry,
 )
 from cxrlite.fileio import remove_stale_staging, staging_dir, write_json
+from cxrlite.model.findings import FINDINGS_HEAD_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,18 @@ def _copy_tokenizer(ckpt_dir: Path, dest: Path) -> list[str]:
     return names
 
 
+def _write_findings_head(weights: Path, dest: Path) -> None:
+    """The checkpoint's findings head as the runtime reads it (cxrlite.model.findings)."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from cxrlite.model.findings import BIAS, WEIGHT
+
+    with safe_open(str(weights), framework="np") as f:
+        head = {name: f.get_tensor(f"findings_head.linear.{name}") for name in (WEIGHT, BIAS)}
+    save_file({k: v.astype(np.float32) for k, v in head.items()}, str(dest))
+
+
 def _base_manifest(ckpt_dir: Path, staging: Path) -> dict[str, Any]:
     """Everything but the variants: configs, tokenizer (copied), prompt, provenance."""
     import cxrlite
@@ -81,6 +94,8 @@ def _base_manifest(ckpt_dir: Path, staging: Path) -> dict[str, Any]:
 
     cfg = load_config(ckpt_dir)
     names = _copy_tokenizer(ckpt_dir, staging / TOKENIZER_DIR)
+    if cfg.findings_head is not None:
+        _write_findings_head(ckpt_dir / WEIGHTS_FILE, staging / FINDINGS_HEAD_FILE)
     tokenizer = load_tokenizer(staging / TOKENIZER_DIR)  # proves the copy loads
     return {
         Key.FORMAT: BUNDLE_FORMAT,

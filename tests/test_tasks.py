@@ -20,10 +20,9 @@ from cxrlite.data.labels import (
     Pneumothorax,
     StudyLabels,
 )
-from cxrlite.data.prompts import FINDINGS_PROMPTS
+from cxrlite.data.prompts import CHECKLIST_TERMS, FINDINGS_PROMPTS
 from cxrlite.data.records import Study, TaskRecord
 from cxrlite.data.tasks import (
-    CHECKLIST_TERMS,
     NONE_OF_THESE,
     OBSERVATION_TERMS,
     TASKS,

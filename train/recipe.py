@@ -54,6 +54,8 @@ class StageDef:
     positive_boost: dict[str, float] = field(default_factory=dict)
     # The tasks whose records the boost repeats (None: every task's).
     boost_tasks: tuple[str, ...] | None = ("findings_generation",)
+    # After training: fit the findings head on the final image embeddings (train/findings_head.py).
+    fit_findings_head: bool = False
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -102,7 +104,8 @@ CHEXAGENT = (
     StageDef(3, "instruction", "instruction", {"vision": 1e-4, "bridger": 5e-4, "llm": 5e-4},
              steps=900, batch_size=16, tasks=DEFAULT_TASK_RATIOS,
              loss_weights={"report_labels": 1.0},
-             positive_boost={"Pleural Effusion": 2.0, "Pneumothorax": 2.0, "Consolidation": 2.0}),
+             positive_boost={"Pleural Effusion": 2.0, "Pneumothorax": 2.0, "Consolidation": 2.0},
+             fit_findings_head=True),
 )
 
 # LLaVA-Rad: align the projector on captions, then projector + LoRA on the LLM.

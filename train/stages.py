@@ -30,6 +30,7 @@ from cxrlite.train.data import (
     report_label_targets,
 )
 from cxrlite.train.engine import train_stage
+from cxrlite.train.findings_head import fit_findings_head
 from cxrlite.train.label_aux import InstructionWithLabels
 from cxrlite.train.recipe import LOSS_TERMS, StageDef
 from cxrlite.train.spec import StageSpec
@@ -243,6 +244,9 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
     )
     if stage.lora:
         model.llm = model.llm.merge_and_unload()
+    head_fit = None
+    if stage.fit_findings_head and ctx.dist.rank == 0:
+        cfg, head_fit = fit_findings_head(model, cfg, ctx.splits, images.__getitem__, ctx.seed)
     summary = {
         "stage": stage.folder,
         "steps": result.steps,
@@ -252,6 +256,8 @@ def run_stage(stage: StageDef, previous: Path | None, ctx: StageContext) -> dict
         "eval": result.eval,
         "val_loss_before": val_before,
     }
+    if head_fit is not None:
+        summary["findings_head"] = head_fit
     if stage.index == ctx.last_stage and ctx.dist.rank == 0:
         summary["quality"] = evaluate_quality(model, tokenizer, ctx)
     if ctx.dist.rank == 0:

@@ -6,7 +6,9 @@ the benchmarks all ask with these strings: a model answers best in the wording i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+from cxrlite.data.labels import NEGATIVE, POSITIVE, UNCERTAIN
 
 FINDINGS_PROMPTS = (
     "Describe the findings in this chest X-ray.",
@@ -17,8 +19,17 @@ FINDINGS_PROMPTS = (
 # The one findings prompt of evaluation, reports and benchmarks.
 FINDINGS_PROMPT = FINDINGS_PROMPTS[0]
 # Room for the findings answer of evaluation and quality checks: the checklist of the core
-# findings (cxrlite.data.tasks.findings_checklist) and then the longest phantom report's prose.
+# findings (`checklist_text`) and then the longest phantom report's prose.
 FINDINGS_MAX_TOKENS = 128
+# How the findings answer states each core finding before its prose, in this fixed order.
+CHECKLIST_TERMS: dict[str, str] = {
+    "Cardiomegaly": "cardiomegaly",
+    "Pleural Effusion": "pleural effusion",
+    "Pneumothorax": "pneumothorax",
+    "Consolidation": "consolidation",
+    "Edema": "edema",
+}
+_CHECKLIST_STATEMENT = {POSITIVE: "{}.", UNCERTAIN: "Possible {}.", NEGATIVE: "No {}."}
 IMPRESSION_PROMPTS = (
     "Write the impression for this chest X-ray.",
     "What is the impression of this chest radiograph?",
@@ -42,3 +53,25 @@ def summary_prompt(findings: str, instruction: str = SUMMARY_PROMPTS[0]) -> str:
 def choice_prompt(question: str, options: Sequence[str]) -> str:
     """A multiple-choice question with its options listed, as the model sees it."""
     return f"{question}\nOptions: {'; '.join(options)}"
+
+
+def checklist_text(labels: Mapping[str, str]) -> str:
+    """The findings answer's opening checklist: one short sentence per core finding, in
+    CHECKLIST_TERMS order ("No cardiomegaly. Pleural effusion. ..."), from CheXpert values
+    (observation -> positive / negative / uncertain); an observation `labels` lacks is left out.
+
+    Why: free prose spreads a positive finding's probability over many phrasings and positions,
+    so greedy decoding of an unsure model picks the one common negative phrasing. The checklist
+    puts each decision at a fixed position between fixed alternatives ("No X." or "X."), and the
+    prose after it is written conditioned on what the checklist stated. Training writes it from
+    a study's labels (cxrlite.data.tasks.findings_answer); a model with a findings head
+    (cxrlite.model.findings) states it from the head's decisions and writes only the prose. The
+    report labeler reads the sentences as plain statements.
+    """
+    sentences = []
+    for obs, term in CHECKLIST_TERMS.items():
+        form = _CHECKLIST_STATEMENT.get(labels.get(obs, ""))
+        if form is not None:
+            sentence = form.format(term)
+            sentences.append(sentence[0].upper() + sentence[1:])
+    return " ".join(sentences)

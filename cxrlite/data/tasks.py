@@ -25,7 +25,6 @@ from cxrlite.data.labels import (
     PNEUMOTHORAX_SIZES,
     POSITIVE,
     SIDES,
-    UNCERTAIN,
     VIEWS,
     StudyLabels,
 )
@@ -34,6 +33,7 @@ from cxrlite.data.prompts import (
     IMPRESSION_PROMPTS,
     SUMMARY_PROMPTS,
     VIEW_QUESTIONS,
+    checklist_text,
     choice_prompt,
     summary_prompt,
 )
@@ -110,35 +110,9 @@ def _core_first(rng: random.Random, observations: list[str], k: int) -> list[str
 # ---------------------------------------------------------------- report text tasks
 
 
-# How the findings answer states each core finding before its prose, in this fixed order.
-CHECKLIST_TERMS: dict[str, str] = {
-    "Cardiomegaly": "cardiomegaly",
-    "Pleural Effusion": "pleural effusion",
-    "Pneumothorax": "pneumothorax",
-    "Consolidation": "consolidation",
-    "Edema": "edema",
-}
-_CHECKLIST_STATEMENT = {POSITIVE: "{}.", UNCERTAIN: "Possible {}.", NEGATIVE: "No {}."}
-
-
 def findings_checklist(study: Study) -> str:
-    """One short sentence per core finding, in CHECKLIST_TERMS order ("No cardiomegaly. Pleural
-    effusion. ..."); a finding the labels do not mention is left out.
-
-    Why: free prose spreads a positive finding's probability over many phrasings and positions,
-    so greedy decoding of an unsure model picks the one common negative phrasing. The checklist
-    puts each decision at a fixed position between two fixed alternatives ("No X." or "X."),
-    where it is as easy as a yes/no question, and the prose after it is written conditioned on
-    what the checklist stated. The report labeler reads the sentences as plain statements.
-    """
-    labels = study_chexpert(study)
-    sentences = []
-    for obs, term in CHECKLIST_TERMS.items():
-        form = _CHECKLIST_STATEMENT.get(labels.get(obs, ""))
-        if form is not None:
-            sentence = form.format(term)
-            sentences.append(sentence[0].upper() + sentence[1:])
-    return " ".join(sentences)
+    """The checklist of the study's core findings (cxrlite.data.prompts.checklist_text)."""
+    return checklist_text(study_chexpert(study))
 
 
 def findings_answer(study: Study) -> str:

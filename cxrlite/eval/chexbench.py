@@ -79,7 +79,19 @@ def checkpoint_runtime(ckpt: Path, threads: int | None = None, device: Any = Non
         config=cfg, preprocess=PreprocessConfig.from_dict(cfg.preprocess), path=ckpt
     )
     llm = TorchLLMBackend(model.llm, REFERENCE, n_ctx=min(cfg.llm.max_position_embeddings, 4096))
-    return Runtime(source, TorchVision(model, REFERENCE, str(device)), llm, tokenizer)
+    vision = TorchVision(model, REFERENCE, str(device))
+    return Runtime(source, vision, llm, tokenizer, findings_head=findings_reader(model))
+
+
+def findings_reader(model: Any) -> Any:
+    """The runtime's form of a PyTorch model's findings head (None without one)."""
+    from cxrlite.model.findings import FindingsReader
+
+    head = model.findings_head
+    if head is None:
+        return None
+    weight, bias = (t.detach().float().cpu().numpy() for t in (head.linear.weight, head.linear.bias))
+    return FindingsReader(weight, bias, model.cfg.findings_head)
 
 
 def is_checkpoint(target: Path) -> bool:

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from cxrlite.data.labels import CORE_FINDINGS
-from cxrlite.data.prompts import FINDINGS_MAX_TOKENS, FINDINGS_PROMPT
+from cxrlite.data.prompts import FINDINGS_MAX_TOKENS, FINDINGS_PROMPT, checklist_text
 from cxrlite.data.records import Study, TaskRecord
 from cxrlite.eval.labeler import label_report
 from cxrlite.eval.metrics import findings_f1
-from cxrlite.model.tokenizer import encode_example
+from cxrlite.model.findings import decisions, findings_text
+from cxrlite.model.tokenizer import answer_prefix_ids, encode_example
 
 logger = logging.getLogger(__name__)
 
@@ -38,22 +39,38 @@ def generate_findings(
     max_new_tokens: int = FINDINGS_MAX_TOKENS,
     prompt: str = FINDINGS_PROMPT,
 ) -> list[str]:
-    """Greedy findings text for each study (left-padded batches, as generation needs)."""
+    """Greedy findings text for each study. A model with a findings head states the checklist
+    from it and generates the prose after it (cxrlite.model.findings), as the runtime does."""
     model.eval()
-    n_image = model.cfg.n_image_tokens
     device = next(model.parameters()).device
-    prompt_ids = encode_example(tokenizer, prompt, None, with_image=True, n_image_tokens=n_image)[
-        "input_ids"
-    ]
-    ids = torch.tensor([prompt_ids], device=device)
+    prompt_ids = encode_example(
+        tokenizer, prompt, None, with_image=True, n_image_tokens=model.cfg.n_image_tokens
+    )["input_ids"]
     texts: list[str] = []
     for start in range(0, len(studies), batch_size):
         chunk = studies[start : start + batch_size]
-        pixels = torch.stack([pixels_for(s.image) for s in chunk]).to(device)
-        batch_ids = ids.expand(len(chunk), -1)  # same prompt: no padding needed
-        out = model.generate(batch_ids, pixels=pixels, max_new_tokens=max_new_tokens)
-        texts.extend(tokenizer.decode(row, skip_special_tokens=True).strip() for row in out)
+        embeds = model.encode_image(torch.stack([pixels_for(s.image) for s in chunk]).to(device))
+        stated: list[dict[str, str] | None] = [None] * len(chunk)
+        if model.findings_head is not None:
+            logits = model.findings_head(embeds).tolist()
+            stated = [decisions(row, model.cfg.findings_head) for row in logits]
+        prefixes = [checklist_text(d) if d else "" for d in stated]
+        rows = [prompt_ids + answer_prefix_ids(tokenizer, p) for p in prefixes]
+        ids, mask = _left_padded(rows, tokenizer.pad_token_id, device)
+        out = model.generate(ids, mask, image_embeds=embeds, max_new_tokens=max_new_tokens)
+        for d, row in zip(stated, out, strict=True):
+            prose = tokenizer.decode(row, skip_special_tokens=True).strip()
+            texts.append(findings_text(d, prose) if d else prose)
     return texts
+
+
+def _left_padded(
+    rows: Sequence[list[int]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
 
 
 def score_findings(

@@ -66,16 +66,12 @@ def run_variant(
     """Greedy findings for each study (asked with `prompt`, else the model's own findings prompt
     when it has one, else cxrlite's), the option chosen by likelihood for each multiple-choice
     record (records without options are skipped), perplexity of the report texts."""
-    from cxrlite.data.prompts import FINDINGS_PROMPT
-
-    own = runtime.config.report_prompts
-    prompt = prompt or (own["findings"] if own else FINDINGS_PROMPT)
     root = Path(image_root) if image_root is not None else None
     started = time.perf_counter()
 
     def findings(study: Study) -> str:
         image = _image_path(study.image, root)
-        return runtime.complete(prompt, image, max_tokens=max_tokens).text.strip()
+        return runtime.findings(image, prompt=prompt, max_tokens=max_tokens).text.strip()
 
     def chosen(record: TaskRecord) -> str:
         image = _image_path(record.images[0], root) if record.images else None

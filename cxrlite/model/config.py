@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from cxrlite.data.prompts import CHECKLIST_TERMS
 from cxrlite.imaging.preprocess import PreprocessConfig
 
 
@@ -282,6 +283,32 @@ class LLMConfig:
         return self.head_dim or self.hidden_size // self.num_heads
 
 
+@dataclass(frozen=True)
+class FindingsHeadConfig:
+    """A linear read of the image embeddings that states the findings checklist
+    (cxrlite.model.findings): one logit per observation, stated present at or above its
+    threshold. Fitted after training (train/findings_head.py); imported models have none."""
+
+    observations: tuple[str, ...] = tuple(CHECKLIST_TERMS)
+    thresholds: tuple[float, ...] = (0.0,) * len(CHECKLIST_TERMS)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "observations", tuple(self.observations))
+        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        unknown = sorted(set(self.observations) - set(CHECKLIST_TERMS))
+        _require(
+            bool(self.observations) and not unknown,
+            f"FindingsHeadConfig.observations must be checklist findings "
+            f"({list(CHECKLIST_TERMS)}), got {list(self.observations)}",
+        )
+        _require(
+            len(self.thresholds) == len(self.observations)
+            and all(math.isfinite(t) for t in self.thresholds),
+            f"FindingsHeadConfig: one finite threshold per observation "
+            f"({len(self.observations)}), got {list(self.thresholds)}",
+        )
+
+
 def default_preprocess(vision: VisionConfig) -> dict[str, Any]:
     """Preprocessing that matches the vision tower: its input size, channels, [-1, 1] range."""
     return PreprocessConfig(
@@ -304,9 +331,17 @@ class ModelConfig:
     # The model's own report prompts ({"findings": text, "impression": text or None}); None uses
     # cxrlite's (cxrlite.data.prompts). A None part is a task the model was not trained for.
     report_prompts: dict[str, str | None] | None = None
+    # States the findings checklist from the image embeddings (None: the LLM writes it).
+    findings_head: FindingsHeadConfig | None = None
 
     def __post_init__(self) -> None:
-        for name, cls in (("vision", VisionConfig), ("bridger", BridgerConfig), ("llm", LLMConfig)):
+        parts = (
+            ("vision", VisionConfig),
+            ("bridger", BridgerConfig),
+            ("llm", LLMConfig),
+            ("findings_head", FindingsHeadConfig),
+        )
+        for name, cls in parts:
             if isinstance(getattr(self, name), dict):
                 object.__setattr__(self, name, _from_dict(cls, getattr(self, name)))
         _require(bool(self.image_token), "ModelConfig.image_token must be a non-empty string")
@@ -362,6 +397,11 @@ class ModelConfig:
         if self.bridger.kind == "gemma3":
             return self.bridger.tokens_per_image
         return self.vision.n_patches
+
+    @property
+    def image_embedding_size(self) -> int:
+        """The numbers one image's embeddings hold (what a findings head reads)."""
+        return self.n_image_tokens * self.llm.hidden_size
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -540,4 +580,7 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     vision = _vision_parameters(cfg.vision)
     bridger = _bridger_parameters(cfg.bridger, cfg.vision.hidden_size, cfg.llm.hidden_size)
     llm = _llm_parameters(cfg.llm)
-    return {"vision": vision, "bridger": bridger, "llm": llm, "total": vision + bridger + llm}
+    head = cfg.findings_head
+    findings = (cfg.image_embedding_size + 1) * len(head.observations) if head else 0
+    total = vision + bridger + llm + findings
+    return {"vision": vision, "bridger": bridger, "llm": llm, "findings_head": findings, "total": total}

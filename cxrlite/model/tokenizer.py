@@ -167,6 +167,13 @@ def encode_answer(tokenizer: Any, answer: str) -> list[int]:
     return tokenizer.encode(" " + answer.strip() + tokenizer.eos_token, add_special_tokens=False)
 
 
+def answer_prefix_ids(tokenizer: Any, prefix: str) -> list[int]:
+    """The ids of an answer's opening words, as `encode_answer` encodes them within the whole
+    answer (a SentencePiece piece never spans a space, so the prefix's ids are the answer's
+    first ids); "" gives none."""
+    return tokenizer.encode(" " + prefix.strip(), add_special_tokens=False) if prefix else []
+
+
 def encode_example(
     tokenizer: Any,
     prompt: str,

@@ -19,6 +19,20 @@ from cxrlite.model.language import build_llm, image_attention_masks
 from cxrlite.model.vision import build_vision, select_features
 
 
+class FindingsHead(nn.Module):
+    """[B, n_image_tokens, hidden] image embeddings -> [B, n_observations] logits: the findings
+    checklist's linear read (cxrlite.model.findings)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.findings_head is None:
+            raise ValueError("ModelConfig.findings_head is unset")
+        self.linear = nn.Linear(cfg.image_embedding_size, len(cfg.findings_head.observations))
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.linear(image_embeds.flatten(1).float())
+
+
 class CXRVLM(nn.Module):
     def __init__(self, cfg: ModelConfig, load_pretrained: bool = True) -> None:
         super().__init__()
@@ -26,6 +40,8 @@ class CXRVLM(nn.Module):
         self.vision = build_vision(cfg.vision, load_pretrained)
         self.bridger = build_bridger(cfg.bridger, cfg.vision, cfg.llm.hidden_size)
         self.llm = build_llm(cfg.llm, load_pretrained)
+        # Fitted after training (train/findings_head.py); states the findings checklist.
+        self.findings_head = FindingsHead(cfg) if cfg.findings_head is not None else None
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] normalised pixels -> [B, n_image_tokens, llm hidden] image embeddings."""

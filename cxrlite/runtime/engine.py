@@ -20,6 +20,7 @@ a second while its first is unfinished gets a RuntimeError rather than a deadloc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -32,11 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from cxrlite.bundle import Key, Kind, load_bundle
+from cxrlite.bundle import Bundle, Key, Kind, load_bundle
+from cxrlite.data.prompts import FINDINGS_PROMPT, checklist_text
 from cxrlite.device import resolve_device
 from cxrlite.imaging.decode import DecodedImage, load_image
 from cxrlite.imaging.errors import ImageError
 from cxrlite.imaging.preprocess import preprocess
+from cxrlite.model.findings import FINDINGS_HEAD_FILE, FindingsReader, findings_text
 from cxrlite.runtime.batching import DecodeEngine, SequenceRequest
 from cxrlite.runtime.cache import DEFAULT_MAX_BYTES, EmbeddingCache, bytes_key, pixels_key
 from cxrlite.runtime.generation import Completion, Generation, ms
@@ -85,8 +88,11 @@ class Runtime:
         cache: EmbeddingCache | None = None,
         choices: dict[str, Choice] | None = None,
         prefix_cache: bool = True,
+        findings_head: FindingsReader | None = None,
     ) -> None:
         self.bundle, self.vision, self.llm, self.tokenizer = bundle, vision, llm, tokenizer
+        # States the findings checklist from the image embeddings (`findings`); None: the LLM.
+        self.findings_head = findings_head
         # Reuse the KV cache of the prompt prefix shared with the previous sequence (llama.cpp
         # backends): a repeated image costs one prefill position instead of the whole prompt.
         self.prefix_cache = prefix_cache
@@ -200,6 +206,7 @@ class Runtime:
             cache=EmbeddingCache(cache_size, cache_bytes),
             choices={"vision": v_choice, "llm": l_choice},
             prefix_cache=prefix_cache,
+            findings_head=_findings_head(bundle),
         )
         runtime.parallelism = {
             "threads": {"value": threads, "reason": threads_why},
@@ -396,11 +403,14 @@ class Runtime:
         use_cache: bool = True,
         prefix_cache: bool | None = None,
         cancelled: threading.Event | None = None,
+        answer_prefix: str = "",
     ) -> Generation:
         """Stream a completion (see `Generation`). The image is decoded and encoded here, so a
         bad image raises ImageError before any token; the LLM runs as the caller iterates.
         `use_cache` is the image embedding cache; `prefix_cache` (None: the runtime's setting)
-        the KV reuse of a shared prompt prefix, reported as timings["prompt_cached_tokens"]."""
+        the KV reuse of a shared prompt prefix, reported as timings["prompt_cached_tokens"].
+        `answer_prefix` opens the answer (the tokens after it are generated; it is not part of
+        the text generated)."""
         started = time.perf_counter()
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -417,7 +427,10 @@ class Runtime:
             found = self.image_embeddings(image, use_cache=use_cache)
             embeds, cache_hit = found.embeds, found.cache_hit
             timings.update(preprocess_ms=found.preprocess_ms, vision_ms=found.vision_ms)
+        from cxrlite.model.tokenizer import answer_prefix_ids
+
         ids = self.prompt_ids(prompt, with_image=image is not None)
+        ids += answer_prefix_ids(self.tokenizer, answer_prefix)
         pieces, total = self.llm.parse(self.segments(ids, embeds))
         if total >= self.llm.n_ctx:
             raise ValueError(
@@ -445,6 +458,22 @@ class Runtime:
         """`generate` run to the end: text, token ids, finish reason, timings, usage."""
         with self.generate(prompt, image, **kwargs) as generation:
             return generation.collect()
+
+    def findings(
+        self, image: Image, *, prompt: Prompt | None = None, **kwargs: Any
+    ) -> Completion:
+        """A study's findings, asked with `prompt` (None: the model's own findings prompt, else
+        cxrlite's). With a findings head (cxrlite.model.findings) the head states the checklist
+        and the LLM writes the prose after it; the text holds both, less the prose sentences that
+        contradict the checklist (`findings_text`). `kwargs` are `generate`'s."""
+        own = self.config.report_prompts
+        prompt = prompt or (own["findings"] if own else FINDINGS_PROMPT)
+        if self.findings_head is None:
+            return self.complete(prompt, image, **kwargs)
+        found = self.image_embeddings(image, use_cache=kwargs.get("use_cache", True))
+        stated = self.findings_head.decisions(found.embeds)
+        done = self.complete(prompt, found, answer_prefix=checklist_text(stated), **kwargs)
+        return dataclasses.replace(done, text=findings_text(stated, done.text))
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
         """`fn(item)` for each item, up to `slots` at once (their sequences decoded together by
@@ -519,6 +548,11 @@ class Runtime:
         if n == 0:
             raise ValueError("perplexity needs at least one non-empty text")
         return {"perplexity": float(np.exp(-total / n)), "n_tokens": n, "n_texts": len(texts)}
+
+
+def _findings_head(bundle: Bundle) -> FindingsReader | None:
+    head = bundle.config.findings_head
+    return FindingsReader.load(bundle.file(FINDINGS_HEAD_FILE), head) if head else None
 
 
 def _max_vision_batch(vision: VisionBackend) -> int:

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from cxrlite.data.prompts import FINDINGS_PROMPT, summary_prompt
+from cxrlite.data.prompts import summary_prompt
 from cxrlite.eval.labeler import label_report
 from cxrlite.runtime.generation import ms
 
@@ -36,10 +36,7 @@ def draft_report(
     t0 = time.perf_counter()
     own = runtime.config.report_prompts
     encoded = runtime.image_embeddings(image)
-    findings_prompt = own["findings"] if own else FINDINGS_PROMPT
-    findings = runtime.complete(
-        findings_prompt, encoded, max_tokens=max_tokens, cancelled=cancelled
-    )
+    findings = runtime.findings(encoded, max_tokens=max_tokens, cancelled=cancelled)
     parts = {"findings": findings, "impression": None}
     if own is None:
         parts["impression"] = runtime.complete(
