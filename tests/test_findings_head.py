@@ -64,9 +64,7 @@ def test_checklist_states_each_finding_against_its_threshold() -> None:
     logits = [0.0, 0.9, -0.5, 0.5, -3.0]
     assert decisions(logits, cfg)["Pleural Effusion"] == NEGATIVE
     text = checklist(logits, cfg)
-    assert text == (
-        "Cardiomegaly. No pleural effusion. Pneumothorax. Consolidation. No edema."
-    )
+    assert text == ("Cardiomegaly. No pleural effusion. Pneumothorax. Consolidation. No edema.")
     labels = label_report(text)  # the report labeler reads the checklist as the head decided
     assert [labels[o] for o in cfg.observations] == [
         POSITIVE, NEGATIVE, POSITIVE, POSITIVE, NEGATIVE

@@ -90,7 +90,9 @@ def findings_reader(model: Any) -> Any:
     head = model.findings_head
     if head is None:
         return None
-    weight, bias = (t.detach().float().cpu().numpy() for t in (head.linear.weight, head.linear.bias))
+    weight, bias = (
+        t.detach().float().cpu().numpy() for t in (head.linear.weight, head.linear.bias)
+    )
     return FindingsReader(weight, bias, model.cfg.findings_head)
 
 

@@ -583,4 +583,10 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     head = cfg.findings_head
     findings = (cfg.image_embedding_size + 1) * len(head.observations) if head else 0
     total = vision + bridger + llm + findings
-    return {"vision": vision, "bridger": bridger, "llm": llm, "findings_head": findings, "total": total}
+    return {
+        "vision": vision,
+        "bridger": bridger,
+        "llm": llm,
+        "findings_head": findings,
+        "total": total,
+    }

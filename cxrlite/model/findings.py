@@ -80,8 +80,7 @@ class FindingsReader:
         n = len(cfg.observations)
         if weight.ndim != 2 or weight.shape[0] != n or bias.shape != (n,):
             raise ValueError(
-                f"findings head weights {weight.shape}/{bias.shape} do not match "
-                f"{n} observations"
+                f"findings head weights {weight.shape}/{bias.shape} do not match {n} observations"
             )
         self.weight, self.bias, self.cfg = weight.astype(np.float32), bias.astype(np.float32), cfg
 

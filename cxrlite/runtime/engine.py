@@ -459,9 +459,7 @@ class Runtime:
         with self.generate(prompt, image, **kwargs) as generation:
             return generation.collect()
 
-    def findings(
-        self, image: Image, *, prompt: Prompt | None = None, **kwargs: Any
-    ) -> Completion:
+    def findings(self, image: Image, *, prompt: Prompt | None = None, **kwargs: Any) -> Completion:
         """A study's findings, asked with `prompt` (None: the model's own findings prompt, else
         cxrlite's). With a findings head (cxrlite.model.findings) the head states the checklist
         and the LLM writes the prose after it; the text holds both, less the prose sentences that
