@@ -7,7 +7,7 @@ OUT=${1:-demo}
 # 6,000 phantoms rendered at the model's 128 px: the ViT learns from scratch, and fewer images
 # overfit it (2,000: held-out findings F1 ~0.1 at this schedule).
 N_PHANTOMS=${N_PHANTOMS:-6000}
-STEPS_SCALE=${STEPS_SCALE:-0.5}
+STEPS_SCALE=${STEPS_SCALE:-0.35}
 mkdir -p "$OUT"
 run() { echo "+ $*"; "$@"; }
 

@@ -151,6 +151,17 @@ def test_runtime_findings_equal_the_trainers(head_bundle) -> None:
     assert report["findings"] == got[0].text
 
 
+def test_checkpoint_runtime_carries_the_head(head_bundle) -> None:
+    """`cxrlite eval CHECKPOINT` (the PyTorch reference runtime) states the same checklist."""
+    from cxrlite.eval.chexbench import checkpoint_runtime
+
+    model, ckpt, _ = head_bundle
+    with checkpoint_runtime(ckpt, threads=1, device="cpu") as rt:
+        got = [rt.findings(pixels, max_tokens=4).text for pixels in IMAGES]
+    for text, logits in zip(got, _torch_logits(model), strict=True):
+        assert text.startswith(checklist(logits, model.cfg.findings_head) + " ")
+
+
 def _torch_logits(model: CXRVLM) -> list[list[float]]:
     with torch.no_grad():
         return model.findings_head(model.encode_image(torch.tensor(np.stack(IMAGES)))).tolist()

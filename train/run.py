@@ -84,7 +84,9 @@ def run_recipe(
     cfg = build_config(preset, vision_init, llm_init)
     pre = PreprocessConfig.from_dict(cfg.preprocess)
     eval_studies = splits["validate"][:max_eval] + splits["test"][:max_eval]
-    images = ImageStore([s.image for s in splits["train"] + eval_studies], pre)
+    # Every validation image: the findings head's thresholds are chosen on all of them.
+    held = splits["validate"] + splits["test"][:max_eval]
+    images = ImageStore([s.image for s in splits["train"] + held], pre)
     records = build_tasks(splits["train"] + eval_studies, seed=seed)
     write_json(
         out / "recipe.json",
