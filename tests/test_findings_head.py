@@ -21,7 +21,6 @@ from cxrlite.model.config import FindingsHeadConfig, ModelConfig, get_preset
 from cxrlite.model.findings import (
     FINDINGS_HEAD_FILE,
     FindingsReader,
-    checklist,
     decisions,
     findings_text,
 )
@@ -160,6 +159,10 @@ def test_checkpoint_runtime_carries_the_head(head_bundle) -> None:
         got = [rt.findings(pixels, max_tokens=4).text for pixels in IMAGES]
     for text, logits in zip(got, _torch_logits(model), strict=True):
         assert text.startswith(checklist(logits, model.cfg.findings_head) + " ")
+
+
+def checklist(logits: list[float], cfg: FindingsHeadConfig) -> str:
+    return checklist_text(decisions(logits, cfg))
 
 
 def _torch_logits(model: CXRVLM) -> list[list[float]]:

@@ -44,11 +44,6 @@ def decisions(logits: Sequence[float], cfg: FindingsHeadConfig) -> dict[str, str
     }
 
 
-def checklist(logits: Sequence[float], cfg: FindingsHeadConfig) -> str:
-    """The checklist the findings answer opens with, as the head decides it."""
-    return checklist_text(decisions(logits, cfg))
-
-
 def findings_text(stated: Mapping[str, str], prose: str) -> str:
     """The findings a model with a head reports: the checklist it `stated` (observation ->
     positive / negative), then the LLM's prose without the sentences that contradict it.
