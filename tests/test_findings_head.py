@@ -26,7 +26,7 @@ from cxrlite.model.findings import (
 )
 from cxrlite.model.tokenizer import bind_tokenizer, build_tokenizer
 from cxrlite.model.vlm import CXRVLM
-from cxrlite.train.findings_head import best_thresholds, fit_linear
+from cxrlite.train.findings_head import best_thresholds, fit_findings_head, fit_linear
 
 IMAGES = [random_pixels(seed) for seed in range(6)]
 
@@ -110,6 +110,13 @@ def test_best_thresholds_maximize_f1() -> None:
     # >= 0 keeps 3 of 3 positives and 1 false: F1 6/7, the best; halfway to the next logit
     assert best_thresholds(logits, truth) == [-1.0]
     assert best_thresholds(logits, np.zeros_like(truth)) == [0.0]
+
+
+def test_unlabelled_studies_fit_no_head(head_bundle) -> None:
+    model, _, _ = head_bundle
+    cfg = model.cfg.replace(findings_head=None)
+    unlabelled = {"train": [SimpleNamespace(chexpert={})], "validate": []}
+    assert fit_findings_head(model, cfg, unlabelled, lambda k: None, seed=0) == (cfg, None)
 
 
 def test_bundle_head_reads_what_the_checkpoint_head_reads(head_bundle) -> None:

@@ -97,14 +97,16 @@ def fit_findings_head(
     splits: dict[str, list[Study]],
     pixels_for: Callable[[str], torch.Tensor],
     seed: int,
-) -> tuple[ModelConfig, dict[str, Any]]:
+) -> tuple[ModelConfig, dict[str, Any] | None]:
     """Fit the head on the training studies, choose thresholds on the validation studies, put it
-    on `model`; returns the config that carries it and what was measured."""
+    on `model`; returns the config that carries it and what was measured (None, and `cfg` as it
+    was, where the studies carry no labels: the LLM then writes the checklist itself)."""
     observations = tuple(FindingsHeadConfig().observations)
     train = [s for s in splits["train"] if s.chexpert]
     val = [s for s in splits["validate"] if s.chexpert]
-    if not train or not val:
-        raise ValueError("fitting the findings head needs labelled training and validation studies")
+    if not train or not val:  # e.g. a dataset of reports without CheXpert labels
+        logger.warning("no findings head: it needs labelled training and validation studies")
+        return cfg, None
     x = image_features(model, train, pixels_for)
     weight, bias = fit_linear(x, targets(train, observations), seed)
     del x
