@@ -4,6 +4,7 @@ built once per test session and shared by their modules (conftest's `runtime_bui
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,20 +31,27 @@ def runtime_bundle(tmp_path_factory) -> tuple[CXRVLM, Path, Path]:
         from cxrlite.export.gguf_builder import gguf_builder
 
         root = tmp_path_factory.mktemp("runtime-bundle")
-        cfg = get_preset("tiny")
-        tokenizer = build_tokenizer(cfg, root / "tok", corpus=report_corpus())
-        cfg = bind_tokenizer(cfg, tokenizer)
-        torch.manual_seed(0)
-        model = CXRVLM(cfg).eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * WEIGHT_NOISE)
-        ckpt = save(model, tokenizer, cfg, root / "ckpt")
+        model, tokenizer = noisy_tiny_model(root)
+        ckpt = save(model, tokenizer, model.cfg, root / "ckpt")
         bundle = export_bundle(
             ckpt, root / "bundle", fp16=True, extra_builders=[gguf_builder(ckpt, "f32")]
         )
         _BUILT[key] = (model, ckpt, bundle.path)
     return _BUILT[key]
+
+
+def noisy_tiny_model(root: Path, **overrides: Any) -> tuple[CXRVLM, Any]:
+    """(model, tokenizer): the tiny preset with `overrides`, its tokenizer trained on
+    report_corpus under root/tok, weights perturbed by WEIGHT_NOISE (seed 0)."""
+    cfg = get_preset("tiny", **overrides)
+    tokenizer = build_tokenizer(cfg, root / "tok", corpus=report_corpus())
+    cfg = bind_tokenizer(cfg, tokenizer)
+    torch.manual_seed(0)
+    model = CXRVLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * WEIGHT_NOISE)
+    return model, tokenizer
 
 
 def random_pixels(seed: int, channels: int = 1, size: int = 64) -> np.ndarray:

@@ -9,8 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from export_testkit import report_corpus
-from runtime_testkit import WEIGHT_NOISE, random_pixels
+from runtime_testkit import noisy_tiny_model, random_pixels
 
 from cxrlite.data.labels import NEGATIVE, POSITIVE
 from cxrlite.data.prompts import checklist_text
@@ -24,7 +23,6 @@ from cxrlite.model.findings import (
     decisions,
     findings_text,
 )
-from cxrlite.model.tokenizer import bind_tokenizer, build_tokenizer
 from cxrlite.model.vlm import CXRVLM
 from cxrlite.train.findings_head import best_thresholds, fit_findings_head, fit_linear
 
@@ -40,18 +38,11 @@ def head_bundle(tmp_path_factory) -> tuple[CXRVLM, Path, Path]:
     from cxrlite.export.gguf_builder import gguf_builder
 
     root = tmp_path_factory.mktemp("findings-head")
-    cfg = get_preset("tiny", findings_head={})
-    tokenizer = build_tokenizer(cfg, root / "tok", corpus=report_corpus())
-    cfg = bind_tokenizer(cfg, tokenizer)
-    torch.manual_seed(0)
-    model = CXRVLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * WEIGHT_NOISE)
-        logits = model.findings_head(model.encode_image(torch.tensor(np.stack(IMAGES))))
-    middle = logits.sort(0).values[len(IMAGES) // 2 - 1 : len(IMAGES) // 2 + 1]
+    model, tokenizer = noisy_tiny_model(root, findings_head={})
+    ranked = torch.tensor(_torch_logits(model)).sort(0).values
+    middle = ranked[len(IMAGES) // 2 - 1 : len(IMAGES) // 2 + 1]
     thresholds = tuple(float(t) for t in middle.mean(0))
-    cfg = cfg.replace(findings_head=FindingsHeadConfig(thresholds=thresholds))
+    cfg = model.cfg.replace(findings_head=FindingsHeadConfig(thresholds=thresholds))
     model.cfg = cfg
     ckpt = save(model, tokenizer, cfg, root / "ckpt")
     bundle = export_bundle(ckpt, root / "bundle", extra_builders=[gguf_builder(ckpt, "f32")])

@@ -101,7 +101,7 @@ def fit_findings_head(
     """Fit the head on the training studies, choose thresholds on the validation studies, put it
     on `model`; returns the config that carries it and what was measured (None, and `cfg` as it
     was, where the studies carry no labels: the LLM then writes the checklist itself)."""
-    observations = tuple(FindingsHeadConfig().observations)
+    observations = FindingsHeadConfig().observations
     train = [s for s in splits["train"] if s.chexpert]
     val = [s for s in splits["validate"] if s.chexpert]
     if not train or not val:  # e.g. a dataset of reports without CheXpert labels
